@@ -1,0 +1,3 @@
+from promptune.cli import main
+
+main()

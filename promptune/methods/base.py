@@ -1,0 +1,143 @@
+"""The contract every prompt-tuning method implements; the trainer, the prompt file and the CLI use only this."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Iterable
+
+import torch
+from torch import nn
+
+from promptune.backbones import Backbone, Family
+from promptune.errors import MethodError, PromptFileError
+
+
+@dataclasses.dataclass
+class TrainDefaults:
+    epochs: int = 10  # passes over the (k-shot) training set
+    lr: float = 2e-3  # peak learning rate
+    weight_decay: float = 5e-4  # default decay for learned tensors (methods may set per-group decay)
+    batch_size: int = 32
+    shots: int | None = None  # images per class when --shots is not given (None = all)
+    warmup_epochs: float = 1.0  # warm-up length in epochs (fractions allowed)
+    warmup: str = "linear"  # "linear" (0 -> lr) or "constant" (warmup_lr, as CoOp/SEP)
+    warmup_lr: float = 1e-5  # learning rate during a constant warm-up
+    optimizer: str = "adamw"  # "adam" | "adamw" | "sgd"
+    eps: float = 1e-8  # Adam epsilon
+
+
+class PromptMethod(nn.Module):
+    """A frozen backbone plus the few tensors a method learns.
+
+    Subclasses set the class attributes, define a `Config` dataclass of hyper-parameters (all JSON-serialisable), and
+    implement `forward` (logits over the current classes) and `learned_state`/`_load_tensors`.
+    """
+
+    name: ClassVar[str]
+    family: ClassVar[Family]
+    open_vocabulary: ClassVar[bool] = False  # can classify into class names never trained
+    Config: ClassVar[type]
+    defaults: ClassVar[TrainDefaults] = TrainDefaults()
+    description: ClassVar[str] = ""
+
+    def __init__(self, backbone: Backbone, class_names: list[str], config: Any) -> None:
+        super().__init__()
+        if backbone.family != self.family:
+            raise MethodError(
+                f"Method '{self.name}' needs a {self.family.upper()} backbone but '{backbone.name}' is a "
+                f"{backbone.family.upper()} backbone."
+            )
+        self.backbone_info = backbone
+        self.config = config
+        self.class_names = list(class_names)
+        self.trained_class_names = list(class_names)
+
+    # ----- configuration -------------------------------------------------------------------------------------------
+    @classmethod
+    def make_config(cls, options: dict[str, Any], error: type[Exception] = MethodError) -> Any:
+        """Build the Config from user options or stored hyper-parameters, rejecting unknown names."""
+        fields = {f.name for f in dataclasses.fields(cls.Config)}
+        unknown = sorted(set(options) - fields)
+        if unknown:
+            raise error(f"Method '{cls.name}' has no option {', '.join(unknown)}; its options are: {', '.join(sorted(fields))}.")
+        try:
+            config = cls.Config(**options)
+        except (TypeError, ValueError) as exc:
+            raise error(f"Invalid options for method '{cls.name}': {exc}") from None
+        cls.validate_config(config, error)
+        return config
+
+    @classmethod
+    def validate_config(cls, config: Any, error: type[Exception]) -> None:
+        """Raise `error` with one sentence when a hyper-parameter is out of range."""
+
+    def hparams(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.config)
+
+    # ----- training hooks --------------------------------------------------------------------------------------------
+    def prepare(self, loader: Iterable, device: torch.device, seed: int) -> None:
+        """Data-dependent initialisation before the first step (SPT prototypes, SEP class centres). No-op by default.
+
+        `loader` yields `promptune.data.Batch` objects over the training images with the deterministic eval transform.
+        """
+
+    def training_loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, logits) for a training batch. Default: cross-entropy on `forward`."""
+        logits = self(images)
+        return nn.functional.cross_entropy(logits, labels), logits
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """Optimiser groups over learned parameters only. Default: one group, no decay on 1-D tensors."""
+        decay = [p for p in self.parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for p in self.parameters() if p.requires_grad and p.ndim < 2]
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def train(self, mode: bool = True) -> "PromptMethod":
+        """Learned modules follow `mode`; the frozen backbone always stays in eval mode."""
+        super().train(mode)
+        self.backbone_info.model.eval()
+        return self
+
+    # ----- classes ---------------------------------------------------------------------------------------------------
+    def set_classes(self, class_names: list[str]) -> None:
+        """Classify into other class names (open-vocabulary methods only)."""
+        if not self.open_vocabulary and list(class_names) != self.trained_class_names:
+            raise MethodError(
+                f"A '{self.name}' prompt file classifies only into the {len(self.trained_class_names)} classes it was "
+                f"trained on (its head is bound to them); --classes and new class names need a CLIP method (sep, coop)."
+            )
+        self.class_names = list(class_names)
+
+    # ----- the prompt file -------------------------------------------------------------------------------------------
+    def learned_state(self) -> dict[str, torch.Tensor]:
+        """The tensors that go into the prompt file: learned, class-independent where the method allows."""
+        raise NotImplementedError
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(t.shape) for name, t in self.learned_state().items()}
+
+    def load_learned_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy tensors from a prompt file in, after checking names and shapes match this model exactly."""
+        expected = self.expected_shapes()
+        missing = sorted(set(expected) - set(tensors))
+        extra = sorted(set(tensors) - set(expected))
+        if missing:
+            raise PromptFileError(f"The prompt file is missing tensor(s) {', '.join(missing)} for method '{self.name}'.")
+        if extra:
+            raise PromptFileError(f"The prompt file has unexpected tensor(s) {', '.join(extra)} for method '{self.name}'.")
+        for key, shape in expected.items():
+            if tuple(tensors[key].shape) != shape:
+                raise PromptFileError(
+                    f"Tensor '{key}' in the prompt file has shape {tuple(tensors[key].shape)} but this backbone needs "
+                    f"{shape}; the file was made for another backbone."
+                )
+        with torch.no_grad():
+            self._load_tensors(tensors)
+
+    def _load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+
+def named_learned_parameters(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter that requires grad, by name: the default `learned_state` for simple methods."""
+    return {name: p for name, p in module.named_parameters() if p.requires_grad}
