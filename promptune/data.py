@@ -1,0 +1,663 @@
+"""Image folders in, tensors out: class discovery, k-shot sampling, splits, robust decoding, transforms, loaders.
+
+A data folder holds one sub-folder per class (``DATA_DIR/<class>/**/*.jpg``), optionally split into
+``DATA_DIR/train|val|test/<class>/...``. Unreadable images never stop a run: while choosing the training images
+they are decoded, skipped and reported; at evaluation time the loader drops them and reports their indices.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+import random
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+from promptune.errors import DataError
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+
+_INTERPOLATIONS: dict[str, transforms.InterpolationMode] = {
+    "bicubic": transforms.InterpolationMode.BICUBIC,
+    "bilinear": transforms.InterpolationMode.BILINEAR,
+    "nearest": transforms.InterpolationMode.NEAREST,
+}
+_TRAIN_CROP_SCALE = (0.5, 1.0)
+_MAX_SHOT_VAL_IMAGES = 4  # validation images per class when sampling k shots without a val/ folder
+_SPLIT_NAMES = ("train", "val", "test")
+_HIGH_BIT_MODES = frozenset({"I", "F", "I;16", "I;16L", "I;16B", "I;16N"})
+_WHITE = (255, 255, 255)
+
+
+# --------------------------------------------------------------------------------------------------- preprocessing
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How images become tensors; stored in the prompt file so eval/predict see exactly what training saw."""
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+    crop_pct: float = 1.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
+            raise DataError(f"preprocess size must be a positive integer, not {self.size!r}.")
+        object.__setattr__(self, "mean", _three_floats("mean", self.mean))
+        object.__setattr__(self, "std", _three_floats("std", self.std))
+        if any(value <= 0 for value in self.std):
+            raise DataError(f"preprocess std values must all be positive, not {list(self.std)}.")
+        if self.interpolation not in _INTERPOLATIONS:
+            raise DataError(
+                f"preprocess interpolation must be one of {', '.join(_INTERPOLATIONS)}, not {self.interpolation!r}."
+            )
+        if not _is_number(self.crop_pct) or not 0 < self.crop_pct <= 1:
+            raise DataError(f"preprocess crop_pct must be in (0, 1], not {self.crop_pct!r}.")
+        object.__setattr__(self, "crop_pct", float(self.crop_pct))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "size": self.size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "interpolation": self.interpolation,
+            "crop_pct": self.crop_pct,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Preprocess:
+        if not isinstance(d, dict):
+            raise DataError(f"preprocess settings must be a mapping, not {type(d).__name__}.")
+        missing = [key for key in ("size", "mean", "std") if key not in d]
+        if missing:
+            raise DataError(f"preprocess settings lack {', '.join(missing)}.")
+        # Keys added by later versions are ignored so that older readers still load newer files.
+        return cls(
+            size=d["size"],
+            mean=d["mean"],
+            std=d["std"],
+            interpolation=d.get("interpolation", "bicubic"),
+            crop_pct=d.get("crop_pct", 1.0),
+        )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _three_floats(name: str, values: Any) -> tuple[float, float, float]:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or len(values) != 3:
+        raise DataError(f"preprocess {name} must be three numbers, not {values!r}.")
+    if not all(_is_number(value) for value in values):
+        raise DataError(f"preprocess {name} must be three numbers, not {values!r}.")
+    return (float(values[0]), float(values[1]), float(values[2]))
+
+
+def build_transform(pre: Preprocess, train: bool) -> Callable[[Image.Image], torch.Tensor]:
+    interpolation = _INTERPOLATIONS[pre.interpolation]
+    normalize = transforms.Normalize(mean=pre.mean, std=pre.std)
+    if train:
+        return transforms.Compose(
+            [
+                transforms.RandomResizedCrop(pre.size, scale=_TRAIN_CROP_SCALE, interpolation=interpolation),
+                transforms.RandomHorizontalFlip(),
+                transforms.ToTensor(),
+                normalize,
+            ]
+        )
+    return transforms.Compose(
+        [
+            transforms.Resize(int(pre.size / pre.crop_pct), interpolation=interpolation),
+            transforms.CenterCrop(pre.size),
+            transforms.ToTensor(),
+            normalize,
+        ]
+    )
+
+
+def prompt_name(folder_name: str) -> str:
+    """The class name the text tower sees: "golden_retriever" and "golden-retriever" both become "golden retriever"."""
+    return " ".join(folder_name.replace("_", " ").replace("-", " ").split())
+
+
+# -------------------------------------------------------------------------------------------------------- decoding
+
+
+class UnreadableImageError(DataError):
+    """An image file cannot be decoded; ``reason`` says why in a few words."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"cannot read image {path}: {reason}.")
+        self.path = Path(path)
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.path, self.reason))
+
+
+def decode_image(path: Path) -> Image.Image:
+    """Fully decode ``path`` into an RGB image with EXIF orientation applied, or raise UnreadableImageError."""
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise UnreadableImageError(path, "empty file (0 bytes)")
+        # Pillow only warns between MAX_IMAGE_PIXELS and twice that; an oversized image must never be decoded.
+        # (Changing warning filters is process-wide: fine here, decoding runs in one thread per process.)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                _refuse_oversized(path, opened)
+                opened.load()
+                image = _apply_exif_orientation(opened)
+                return _to_rgb(image)
+    except UnreadableImageError:
+        raise
+    except Exception as error:  # noqa: BLE001 - any decoder failure means "skip this file", never a crash
+        raise UnreadableImageError(path, _reason(error)) from error
+
+
+def _refuse_oversized(path: Path, image: Image.Image) -> None:
+    limit = Image.MAX_IMAGE_PIXELS
+    width, height = image.size
+    if limit is not None and width * height > limit:
+        raise UnreadableImageError(path, _bomb_reason(width, height, limit))
+
+
+def _bomb_reason(width: int, height: int, limit: int) -> str:
+    return f"{width}x{height} pixels is over the decompression-bomb limit of {limit} pixels"
+
+
+def _reason(error: Exception) -> str:
+    if isinstance(error, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return "too many pixels (decompression-bomb guard)"
+    if isinstance(error, FileNotFoundError):
+        return "file not found"
+    if isinstance(error, PermissionError):
+        return "permission denied"
+    if isinstance(error, IsADirectoryError):
+        return "it is a folder, not a file"
+    if isinstance(error, UnidentifiedImageError):
+        return "not a recognised image format"
+    if isinstance(error, MemoryError):
+        return "not enough memory to decode it"
+    message = str(error).strip().splitlines()[0].rstrip(".") if str(error).strip() else ""
+    if "truncated" in message.lower():
+        return "truncated image data"
+    detail = f"{type(error).__name__}: {message}" if message else type(error).__name__
+    return f"corrupt image data ({detail})"
+
+
+def _apply_exif_orientation(image: Image.Image) -> Image.Image:
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # noqa: BLE001 - a broken EXIF block should not make an otherwise fine image unreadable
+        return image
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in _HIGH_BIT_MODES:
+        return _high_bit_to_8bit(image).convert("RGB")
+    if "A" in image.getbands() or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, _WHITE + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _high_bit_to_8bit(image: Image.Image) -> Image.Image:
+    """Map 16/32-bit integer or float pixels onto 0..255 (Pillow's own conversion clips everything above 255)."""
+    as_float = image.convert("F")
+    low, high = as_float.getextrema()
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError("float image holds non-finite values")
+    # Prefer the value range the data was most likely stored in, so a dark 16-bit image stays dark; only data
+    # outside every standard range is stretched to its own minimum and maximum.
+    if low >= 0 and high <= 1 and image.mode == "F":
+        offset, span = 0.0, 1.0
+    elif low >= 0 and high <= 255 and not image.mode.startswith("I;16"):
+        offset, span = 0.0, 255.0
+    elif low >= 0 and high <= 65535:
+        offset, span = 0.0, 65535.0
+    else:
+        offset, span = low, max(high - low, 1e-12)
+    scale = 255.0 / span
+    # +0.5 because the F -> L conversion truncates.
+    return as_float.point(lambda value: value * scale + (0.5 - offset * scale)).convert("L")
+
+
+# ------------------------------------------------------------------------------------------------------- discovery
+
+
+def _has_image_extension(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def _images_under(folder: Path) -> list[Path]:
+    """Image files anywhere below ``folder`` (hidden entries skipped), sorted; symlinked folders are followed once."""
+    found: list[Path] = []
+    visited: set[tuple[int, int]] = set()
+    pending = [folder]
+    while pending:
+        directory = pending.pop()
+        try:
+            identity = directory.stat()
+        except OSError:
+            continue
+        key = (identity.st_dev, identity.st_ino)
+        if key in visited:  # a symlink cycle, or the same folder reached twice
+            continue
+        visited.add(key)
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:
+            if directory == folder:
+                raise
+            continue
+        for entry in entries:
+            if _is_hidden(entry.name):
+                continue
+            try:
+                if entry.is_dir():
+                    pending.append(Path(entry.path))
+                elif entry.is_file() and _has_image_extension(entry.name):
+                    found.append(Path(entry.path))
+            except OSError:  # e.g. a symlink into a folder we may not read
+                continue
+    return sorted(found)
+
+
+def _check_is_folder(root: Path, what: str) -> None:
+    if not root.exists():
+        raise DataError(f"{what} {root} does not exist.")
+    if not root.is_dir():
+        raise DataError(f"{what} {root} is a file, not a folder of class sub-folders.")
+
+
+def _class_folders(root: Path) -> list[Path]:
+    """Non-hidden sub-folders of ``root``, sorted by name."""
+    try:
+        entries = list(os.scandir(root))
+    except OSError as error:
+        raise DataError(f"cannot read folder {root} ({error.strerror or type(error).__name__}).") from error
+    folders = []
+    for entry in entries:
+        try:
+            if not _is_hidden(entry.name) and entry.is_dir():
+                folders.append(Path(entry.path))
+        except OSError:
+            continue
+    return sorted(folders, key=lambda folder: folder.name)
+
+
+def _class_images(folder: Path) -> list[Path]:
+    try:
+        return _images_under(folder)
+    except OSError as error:
+        raise DataError(f"cannot read class folder {folder} ({error.strerror or type(error).__name__}).") from error
+
+
+def scan_classes(root: Path) -> dict[str, list[Path]]:
+    """Map each class folder name (sorted) to its image files (sorted), checking the folder is usable."""
+    root = Path(root)
+    _check_is_folder(root, "data folder")
+    folders = _class_folders(root)
+    if len(folders) < 2:
+        raise DataError(
+            f"found {len(folders)} class folder(s) in {root}; need at least 2 (one sub-folder of images per class)."
+        )
+    _check_distinct_prompt_names([folder.name for folder in folders])
+    classes: dict[str, list[Path]] = {}
+    for folder in folders:
+        images = _class_images(folder)
+        if not images:
+            extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
+            raise DataError(f"class folder {folder} has no image files ({extensions}).")
+        classes[folder.name] = images
+    return classes
+
+
+def _check_distinct_prompt_names(folder_names: Sequence[str]) -> None:
+    owner_of: dict[str, str] = {}
+    for name in folder_names:
+        prompt = prompt_name(name)
+        if not prompt:
+            raise DataError(f"class folder '{name}' has no usable class name; rename it to include letters or digits.")
+        if prompt in owner_of:
+            raise DataError(
+                f"class folders '{owner_of[prompt]}' and '{name}' both become the class name '{prompt}'; rename one."
+            )
+        owner_of[prompt] = name
+
+
+def find_layout(data_dir: Path) -> dict[str, Path]:
+    """{"train", "val"?, "test"?} for a split folder (one with a train/ sub-folder), else {"all": data_dir}."""
+    data_dir = Path(data_dir)
+    if not (data_dir / "train").is_dir():
+        return {"all": data_dir}
+    return {name: data_dir / name for name in _SPLIT_NAMES if (data_dir / name).is_dir()}
+
+
+def _layout_name(layout: dict[str, Path]) -> str:
+    return "split" if "train" in layout else "flat"
+
+
+# -------------------------------------------------------------------------------------------------------- sampling
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    path: Path
+    label: int
+
+
+@dataclass
+class SkippedFile:
+    path: Path
+    reason: str
+
+
+@dataclass
+class TrainingData:
+    class_names: list[str]
+    train: list[ImageItem]
+    val: list[ImageItem]
+    skipped: list[SkippedFile]
+    layout: str
+
+
+@dataclass
+class EvalData:
+    class_names: list[str]
+    items: list[ImageItem]
+    layout: str
+
+
+@dataclass
+class _ClassPick:
+    train: list[Path] = field(default_factory=list)
+    val: list[Path] = field(default_factory=list)
+    skipped: list[SkippedFile] = field(default_factory=list)
+
+
+def load_training_data(
+    data_dir: Path,
+    shots: int | None = None,
+    seed: int = 0,
+    val_fraction: float = 0.2,
+    base_classes: int | float | None = None,
+) -> TrainingData:
+    """Choose the training (and validation) images, decoding each candidate so unreadable files are skipped early."""
+    if shots is not None and (isinstance(shots, bool) or not isinstance(shots, int) or shots < 1):
+        raise DataError("--shots must be at least 1.")
+    if not _is_number(val_fraction) or not 0 <= val_fraction < 1:
+        raise DataError(f"the validation fraction must be in [0, 1), not {val_fraction!r}.")
+    data_dir = Path(data_dir)
+    _check_is_folder(data_dir, "data folder")
+    layout = find_layout(data_dir)
+    train_root = layout.get("train", layout.get("all", data_dir))
+    all_classes = scan_classes(train_root)
+    class_names = _keep_base_classes(sorted(all_classes), base_classes, train_root)
+    val_images = _val_folder_images(layout["val"], all_classes, class_names) if "val" in layout else None
+
+    train: list[ImageItem] = []
+    val: list[ImageItem] = []
+    skipped: list[SkippedFile] = []
+    for label, name in enumerate(class_names):
+        rng = random.Random(f"{seed}:{name}")  # per-class seed: adding a class leaves the others' picks alone
+        pick = _pick_class(all_classes[name], rng, shots, val_fraction, with_val=val_images is None)
+        if not pick.train:
+            raise DataError(f"class '{name}' has no readable images ({len(pick.skipped)} skipped).")
+        if val_images is not None:
+            readable, unreadable = _readable(val_images[name])
+            pick.val, pick.skipped = readable, pick.skipped + unreadable
+        skipped.extend(pick.skipped)
+        train.extend(ImageItem(path, label) for path in sorted(pick.train))
+        val.extend(ImageItem(path, label) for path in sorted(pick.val))
+    return TrainingData(class_names, train, val, skipped, _layout_name(layout))
+
+
+def _keep_base_classes(names: list[str], base_classes: int | float | None, root: Path) -> list[str]:
+    if base_classes is None:
+        return names
+    if isinstance(base_classes, bool) or not _is_number(base_classes):
+        raise DataError(f"base classes must be a whole number or a fraction, not {base_classes!r}.")
+    if isinstance(base_classes, int):
+        if not 2 <= base_classes <= len(names):
+            raise DataError(
+                f"base classes must be between 2 and the {len(names)} classes in {root}, not {base_classes}."
+            )
+        return names[:base_classes]
+    if not 0 < base_classes < 1:
+        raise DataError(f"a base-class fraction must be between 0 and 1 (exclusive), not {base_classes}.")
+    return names[: max(2, math.ceil(base_classes * len(names)))]
+
+
+def _val_folder_images(
+    val_root: Path, train_classes: dict[str, list[Path]], kept: list[str]
+) -> dict[str, list[Path]]:
+    folders = _class_folders(val_root)
+    unknown = [folder.name for folder in folders if folder.name not in train_classes]
+    if unknown:
+        names = ", ".join(f"'{name}'" for name in unknown)
+        raise DataError(f"{val_root} has class folder(s) {names} that the train folder does not have.")
+    by_name = {folder.name: folder for folder in folders}
+    return {name: _class_images(by_name[name]) if name in by_name else [] for name in kept}
+
+
+def _readable(paths: Sequence[Path]) -> tuple[list[Path], list[SkippedFile]]:
+    readable: list[Path] = []
+    unreadable: list[SkippedFile] = []
+    for path in paths:
+        skip = _verify(path)
+        if skip is None:
+            readable.append(path)
+        else:
+            unreadable.append(skip)
+    return readable, unreadable
+
+
+def _verify(path: Path) -> SkippedFile | None:
+    try:
+        decode_image(path).close()
+    except UnreadableImageError as error:
+        return SkippedFile(path, error.reason)
+    return None
+
+
+def _pick_class(
+    paths: Sequence[Path], rng: random.Random, shots: int | None, val_fraction: float, with_val: bool = True
+) -> _ClassPick:
+    order = list(paths)
+    rng.shuffle(order)
+    if shots is None:
+        # Every image is a candidate, so decode all of them first: the held-out count depends on how many are valid.
+        readable, unreadable = _readable(order)
+        held_out = _held_out_count(len(readable), val_fraction) if with_val else 0
+        return _ClassPick(train=readable[held_out:], val=readable[:held_out], skipped=unreadable)
+    wanted_val = min(shots, _MAX_SHOT_VAL_IMAGES) if with_val else 0
+    pick = _ClassPick()
+    for path in order:
+        if len(pick.train) == shots and len(pick.val) == wanted_val:
+            break
+        skip = _verify(path)
+        if skip is not None:
+            pick.skipped.append(skip)
+        elif len(pick.train) < shots:
+            pick.train.append(path)
+        else:
+            pick.val.append(path)
+    return pick
+
+
+def _held_out_count(n_valid: int, val_fraction: float) -> int:
+    if n_valid < 2 or val_fraction == 0:
+        return 0
+    return min(max(1, round(val_fraction * n_valid)), n_valid - 1)
+
+
+def load_eval_data(data_dir: Path) -> EvalData:
+    """The images to evaluate on: test/ of a split folder, else val/, else the whole folder (decoded lazily)."""
+    data_dir = Path(data_dir)
+    _check_is_folder(data_dir, "data folder")
+    layout = find_layout(data_dir)
+    if "train" in layout:
+        root = layout.get("test") or layout.get("val")
+        if root is None:
+            raise DataError(
+                f"{data_dir} has a train folder but no test or val folder to evaluate on; "
+                "pass the train folder itself to evaluate on the training images."
+            )
+    else:
+        root = data_dir
+    classes = scan_classes(root)
+    items = [ImageItem(path, label) for label, name in enumerate(classes) for path in classes[name]]
+    return EvalData(list(classes), items, _layout_name(layout))
+
+
+# ------------------------------------------------------------------------------------------------ dataset, loader
+
+
+Sample = tuple[torch.Tensor | None, int, int]
+
+
+class ImageDataset(Dataset):
+    """Decodes and transforms images on access; an unreadable image yields (None, label, index) instead of raising."""
+
+    def __init__(self, items: Sequence[ImageItem], transform: Callable[[Image.Image], torch.Tensor]) -> None:
+        self.items = list(items)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> Sample:
+        item = self.items[index]
+        try:
+            image = decode_image(item.path)
+        except UnreadableImageError:
+            return None, item.label, index
+        with image:
+            return self.transform(image), item.label, index
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor
+    labels: torch.Tensor
+    indices: torch.Tensor
+    failed: list[int]
+
+    def pin_memory(self) -> Batch:
+        """Called by DataLoader(pin_memory=True) for custom batch types."""
+        return Batch(self.images.pin_memory(), self.labels.pin_memory(), self.indices.pin_memory(), self.failed)
+
+
+def collate_skipping(samples: Sequence[Sample]) -> Batch:
+    """Stack the decoded samples; failed ones are dropped and their dataset indices kept in ``failed``."""
+    decoded = [sample for sample in samples if sample[0] is not None]
+    failed = [index for image, _, index in samples if image is None]
+    if not decoded:
+        empty = torch.empty(0, dtype=torch.long)
+        return Batch(images=torch.empty(0), labels=empty, indices=empty.clone(), failed=failed)
+    return Batch(
+        images=torch.stack([image for image, _, _ in decoded]),
+        labels=torch.tensor([label for _, label, _ in decoded], dtype=torch.long),
+        indices=torch.tensor([index for _, _, index in decoded], dtype=torch.long),
+        failed=failed,
+    )
+
+
+def default_workers() -> int:
+    """Loader processes: one per available CPU core minus the main process, at most 8."""
+    if hasattr(os, "sched_getaffinity"):
+        cores = len(os.sched_getaffinity(0))  # respects CPU pinning / container limits, unlike os.cpu_count()
+    else:
+        cores = os.cpu_count() or 1
+    return max(0, min(8, cores - 1))
+
+
+def make_loader(
+    dataset: ImageDataset,
+    batch_size: int,
+    shuffle: bool,
+    seed: int = 0,
+    workers: int | None = None,
+    pin_memory: bool = False,
+    drop_last: bool = False,
+) -> DataLoader:
+    workers = default_workers() if workers is None else workers
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=pin_memory,
+        drop_last=drop_last,
+        generator=generator,
+        collate_fn=collate_skipping,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------- predict
+
+
+def images_in(paths: Sequence[str]) -> tuple[list[Path], list[str]]:
+    """Expand `predict` arguments (files, folders, glob patterns) into image paths, in argument order.
+
+    Returns the images found (duplicates dropped) and the arguments that matched no image.
+    """
+    found: list[Path] = []
+    seen: set[Path] = set()
+    missing: list[str] = []
+    for argument in paths:
+        matches = _expand_argument(argument)
+        if not matches:
+            missing.append(argument)
+        for path in matches:
+            if path not in seen:
+                seen.add(path)
+                found.append(path)
+    return found, missing
+
+
+def _expand_argument(argument: str) -> list[Path]:
+    path = Path(argument).expanduser()
+    if path.is_file():
+        return [path]  # named explicitly: kept whatever its extension, decoding will say if it is not an image
+    if path.is_dir():
+        return _images_in_folder(path)
+    if not any(char in argument for char in "*?["):
+        return []
+    matches: list[Path] = []
+    for match in sorted(glob.glob(os.path.expanduser(argument), recursive=True)):
+        candidate = Path(match)
+        if candidate.is_dir():
+            matches.extend(_images_in_folder(candidate))
+        elif candidate.is_file() and _has_image_extension(candidate.name):
+            matches.append(candidate)
+    return matches
+
+
+def _images_in_folder(folder: Path) -> list[Path]:
+    try:
+        return _images_under(folder)
+    except OSError:
+        return []
