@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 from pathlib import Path
@@ -37,6 +38,8 @@ def make_clip_files(folder: Path, name: str = "tiny-clip", config: dict | None =
     config_path.write_text(json.dumps(config))
     torch.manual_seed(seed)
     model = open_clip.CLIP(**config)
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(100.0))  # trained CLIPs end at 100; random init is 1/0.07
     return config_path, _save_state(model, folder / f"{name}.safetensors")
 
 

@@ -1,0 +1,428 @@
+"""Everything the commands do, as plain Python calls: `tune`, `load`, and the loaded model's `evaluate`/`predict`."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from promptune import __version__
+from promptune.artifact import PromptFile, load_prompt_file, save_prompt_file
+from promptune.backbones import Backbone, backbone_family, load_backbone
+from promptune.data import (
+    EvalData,
+    ImageDataset,
+    ImageItem,
+    Preprocess,
+    SkippedFile,
+    build_transform,
+    images_in,
+    load_eval_data,
+    load_training_data,
+    make_loader,
+)
+from promptune.devices import autocast, configure_backend, resolve_device, resolve_precision
+from promptune.errors import BackboneError, DataError, MethodError, PromptFileError, PromptuneError
+from promptune.methods import get_method, resolve_method_name
+from promptune.methods.base import PromptMethod
+from promptune.metrics import BaseNew, confusion_matrix, per_class_accuracy, topk_accuracy
+from promptune.train import Reporter, Trainer, TrainConfig, TrainSummary, seed_everything
+
+Log = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+# ------------------------------------------------------------------------------------------------------------ tune
+
+
+@dataclass
+class TuneResult:
+    path: Path
+    method: str
+    backbone: str
+    class_names: list[str]
+    train_per_class: dict[str, int]
+    val_images: int
+    skipped: list[SkippedFile]
+    summary: TrainSummary
+    device: str
+    cpu_threads: int
+
+
+def _check_positive(name: str, value: float | int | None, minimum: float = 1, maximum: float | None = None) -> None:
+    if value is None:
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise PromptuneError(f"{name} must be a finite number, got {value}.")
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f"between {minimum:g} and {maximum:g}" if maximum is not None else f"at least {minimum:g}"
+        raise PromptuneError(f"{name} must be {bound}, got {value:g}.")
+
+
+def _check_output(out: Path) -> None:
+    if out.exists() and out.is_dir():
+        raise PromptuneError(f"--out '{out}' is a folder; give a file name such as prompts.safetensors.")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise PromptuneError(f"--out folder '{parent}' does not exist.")
+
+
+def _family_for(method: str, backbone: str | None) -> str:
+    if backbone is not None:
+        return backbone_family(backbone)
+    return "vit" if method in ("spt", "vpt") else "clip"
+
+
+def _train_config(cls: type[PromptMethod], epochs, lr, batch_size, weight_decay, seed, amp_dtype) -> TrainConfig:
+    d = cls.defaults
+    return TrainConfig(
+        epochs=epochs or d.epochs,
+        lr=lr or d.lr,
+        weight_decay=d.weight_decay if weight_decay is None else weight_decay,
+        batch_size=batch_size or d.batch_size,
+        warmup_epochs=d.warmup_epochs,
+        warmup=d.warmup,
+        warmup_lr=d.warmup_lr,
+        optimizer=d.optimizer,
+        eps=d.eps,
+        seed=seed,
+        amp_dtype=amp_dtype,
+    )
+
+
+def tune(
+    data_dir: str | Path,
+    *,
+    method: str = "auto",
+    backbone: str | None = None,
+    weights: str | None = None,
+    shots: int | None = None,
+    seed: int = 0,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    weight_decay: float | None = None,
+    base_classes: float | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    workers: int | None = None,
+    out: str | Path = "prompts.safetensors",
+    options: dict[str, Any] | None = None,
+    reporter: Reporter | None = None,
+    log: Log = _quiet,
+) -> TuneResult:
+    """Learn prompts for the classes in `data_dir` and write them to `out` (atomically)."""
+    _check_positive("--shots", shots)
+    _check_positive("--epochs", epochs, 1, 100_000)
+    _check_positive("--batch-size", batch_size, 1, 65_536)
+    _check_positive("--lr", lr, 1e-12, 100.0)
+    _check_positive("--weight-decay", weight_decay, 0.0, 100.0)
+    _check_positive("--workers", workers, 0, 256)
+    _check_positive("--seed", seed, 0)
+    out = Path(out)
+    _check_output(out)
+    torch_device = resolve_device(device)
+    amp_dtype = resolve_precision(torch_device, precision)
+    threads = configure_backend(torch_device)
+
+    family = _family_for(method, backbone)
+    method_name = resolve_method_name(method, family)
+    cls = get_method(method_name)
+    if cls.family != family:
+        raise MethodError(f"Method '{method_name}' needs a {cls.family.upper()} backbone, but '{backbone}' is a {family.upper()} backbone.")
+    config = cls.make_config({k: v for k, v in (options or {}).items() if v is not None})
+    cfg = _train_config(cls, epochs, lr, batch_size, weight_decay, seed, amp_dtype)
+
+    data = load_training_data(Path(data_dir), shots=shots or cls.defaults.shots, seed=seed, base_classes=base_classes)
+    for skipped in data.skipped:
+        log(f"warning: skipped {skipped.path} ({skipped.reason})")
+    log(f"loading backbone {backbone or '(default)'} ...")
+    bb = load_backbone(backbone, weights, family=family)
+    seed_everything(seed)
+    model = cls(bb, data.class_names, config).to(torch_device)
+
+    pin = torch_device.type == "cuda"
+    train_set = ImageDataset(data.train, build_transform(bb.preprocess, train=True))
+    eval_transform = build_transform(bb.preprocess, train=False)
+    train_loader = make_loader(train_set, cfg.batch_size, shuffle=True, seed=seed, workers=workers, pin_memory=pin)
+    val_loader = (
+        make_loader(ImageDataset(data.val, eval_transform), cfg.batch_size, shuffle=False, workers=workers, pin_memory=pin)
+        if data.val else None
+    )
+    prepare_loader = make_loader(ImageDataset(data.train, eval_transform), cfg.batch_size, shuffle=True, seed=seed,
+                                 workers=workers, pin_memory=pin)
+    with torch.no_grad(), autocast(torch_device, amp_dtype):
+        model.prepare(prepare_loader, torch_device, seed)
+
+    trainer = Trainer(model, cfg, torch_device, steps_per_epoch=len(train_loader))
+    summary = trainer.fit(train_loader, val_loader, reporter)
+    per_class = {name: 0 for name in data.class_names}
+    for item in data.train:
+        per_class[data.class_names[item.label]] += 1
+    training = {
+        **summary.to_dict(),
+        "epochs": cfg.epochs,
+        "lr": cfg.lr,
+        "batch_size": cfg.batch_size,
+        "weight_decay": cfg.weight_decay,
+        "optimizer": cfg.optimizer,
+        "shots": shots or cls.defaults.shots,
+        "seed": seed,
+        "train_images": len(data.train),
+        "val_images": len(data.val),
+        "skipped_files": len(data.skipped) + summary.skipped_images,
+        "data_dir": Path(data_dir).name,
+        "device": torch_device.type,
+        "precision": str(amp_dtype).replace("torch.", ""),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    prompt_file = PromptFile(
+        tensors=model.learned_state(),
+        method=method_name,
+        backbone=bb.describe(),
+        class_names=data.class_names,
+        hparams=model.hparams(),
+        preprocess=bb.preprocess.to_dict(),
+        training=training,
+        promptune_version=__version__,
+    )
+    save_prompt_file(out, prompt_file)
+    return TuneResult(out, method_name, bb.name, data.class_names, per_class, len(data.val), data.skipped, summary,
+                      torch_device.type, threads)
+
+
+# ------------------------------------------------------------------------------------------------------------ load
+
+
+@dataclass
+class Prediction:
+    path: str
+    labels: list[str]
+    probabilities: list[float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "predictions": [{"label": l, "probability": round(p, 6)} for l, p in zip(self.labels, self.probabilities)]}
+
+
+@dataclass
+class EvalReport:
+    class_names: list[str]
+    n_images: int
+    top1: float
+    top5: float
+    per_class: dict[str, float | None]
+    confusion: list[list[int]]
+    zero_shot_top1: float | None = None
+    base_new: BaseNew | None = None
+    zero_shot_base_new: BaseNew | None = None
+    skipped: list[str] = field(default_factory=list)
+    misclassified: list[dict[str, str]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        result: dict[str, Any] = {
+            "n_images": self.n_images,
+            "n_classes": len(self.class_names),
+            "top1": self.top1,
+            "top5": self.top5,
+            "per_class": self.per_class,
+        }
+        if self.zero_shot_top1 is not None:
+            result["zero_shot_top1"] = self.zero_shot_top1
+        if self.base_new is not None:
+            result.update(base_top1=self.base_new.base, new_top1=self.base_new.new, hm=self.base_new.hm)
+        if self.zero_shot_base_new is not None:
+            zs = self.zero_shot_base_new
+            result.update(zero_shot_base_top1=zs.base, zero_shot_new_top1=zs.new, zero_shot_hm=zs.hm)
+        result["skipped"] = self.skipped
+        return result
+
+
+def _check_backbone_matches(stored: dict[str, Any], loaded: Backbone) -> None:
+    if stored.get("shape") and stored["shape"] != loaded.shape:
+        raise PromptFileError(
+            f"The prompt file was tuned on backbone '{stored.get('name')}' with shape {stored['shape']}, "
+            f"but '{loaded.name}' has shape {loaded.shape}."
+        )
+    if stored.get("weights_sha256") and loaded.weights_sha256 and stored["weights_sha256"] != loaded.weights_sha256:
+        raise PromptFileError(
+            f"The prompt file was tuned on weights '{stored.get('weights')}' (sha256 {stored['weights_sha256'][:12]}...), "
+            f"but '{loaded.weights}' differs (sha256 {loaded.weights_sha256[:12]}...)."
+        )
+
+
+def _resolve_weights(stored: dict[str, Any], weights: str | None) -> str | None:
+    if weights is not None:
+        return weights
+    if not stored.get("weights_sha256"):
+        return stored.get("weights")
+    hint = stored.get("weights_path")
+    if hint and Path(hint).is_file():
+        return hint
+    raise PromptFileError(
+        f"The prompt file was tuned on the local weights file '{stored.get('weights')}'; pass it with --weights PATH."
+    )
+
+
+class TunedModel:
+    """A prompt file loaded onto its backbone, ready to classify."""
+
+    def __init__(self, prompt_file: PromptFile, method: PromptMethod, backbone: Backbone, device: torch.device,
+                 amp_dtype: torch.dtype) -> None:
+        self.prompt_file = prompt_file
+        self.method = method
+        self.backbone = backbone
+        self.device = device
+        self.amp_dtype = amp_dtype
+        self.preprocess = Preprocess.from_dict(prompt_file.preprocess)
+        self.transform = build_transform(self.preprocess, train=False)
+
+    @property
+    def trained_classes(self) -> list[str]:
+        return self.prompt_file.class_names
+
+    def describe(self) -> str:
+        pf = self.prompt_file
+        t = pf.training
+        trained = f"{t.get('train_images', '?')} images of '{t.get('data_dir', '?')}'"
+        when = t.get("finished_at", "unknown date")
+        return (f"{pf.method} prompts on {pf.backbone.get('name')} ({pf.backbone.get('weights')}), "
+                f"{len(pf.class_names)} classes, trained on {trained}, {when}")
+
+    def set_classes(self, class_names: Sequence[str] | None) -> list[str]:
+        names = list(class_names) if class_names else self.trained_classes
+        if not names:
+            raise MethodError("--classes is empty; give at least one class name.")
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise MethodError(f"--classes has duplicate names: {', '.join(duplicates)}.")
+        self.method.set_classes(names)
+        return names
+
+    @torch.no_grad()
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        with autocast(self.device, self.amp_dtype):
+            return self.method(images.to(self.device)).float()
+
+    def _loader(self, items: list[ImageItem], batch_size: int, workers: int | None):
+        pin = self.device.type == "cuda"
+        return make_loader(ImageDataset(items, self.transform), batch_size, shuffle=False, workers=workers, pin_memory=pin)
+
+    def predict(self, paths: Sequence[str], top_k: int = 5, classes: Sequence[str] | None = None, batch_size: int = 32,
+                workers: int | None = None) -> tuple[list[Prediction], list[str]]:
+        """Top-k predictions for images, folders or globs; returns (predictions, problems)."""
+        if top_k < 1:
+            raise PromptuneError(f"--top-k must be at least 1, got {top_k}.")
+        names = self.set_classes(classes)
+        found, missing = images_in(paths)
+        problems = [f"{m}: no such file or image" for m in missing]
+        items = [ImageItem(path, 0) for path in found]
+        predictions: list[Prediction] = []
+        if items:
+            k = min(top_k, len(names))
+            self.method.eval()
+            for batch in self._loader(items, batch_size, workers):
+                problems += [f"{items[i].path}: unreadable image" for i in batch.failed]
+                if batch.labels.numel() == 0:
+                    continue
+                probs = self.logits(batch.images).softmax(dim=-1)
+                top = probs.topk(k, dim=-1)
+                for row, index in enumerate(batch.indices.tolist()):
+                    predictions.append(Prediction(str(items[index].path), [names[j] for j in top.indices[row].tolist()],
+                                                  top.values[row].tolist()))
+        return predictions, problems
+
+    def evaluate(self, data_dir: str | Path, batch_size: int = 64, zero_shot: bool = True, workers: int | None = None) -> EvalReport:
+        data: EvalData = load_eval_data(Path(data_dir))
+        names, labels_map = self._eval_classes(data.class_names)
+        self.method.eval()
+        baseline = self._zero_shot(names) if zero_shot and self.backbone.family == "clip" else None
+        all_logits, all_zs, all_labels, all_index, skipped = [], [], [], [], []
+        for batch in self._loader(data.items, batch_size, workers):
+            skipped += [str(data.items[i].path) for i in batch.failed]
+            if batch.labels.numel() == 0:
+                continue
+            all_logits.append(self.logits(batch.images).cpu())
+            if baseline is not None:
+                with autocast(self.device, self.amp_dtype):
+                    all_zs.append(baseline(batch.images.to(self.device)).float().cpu())
+            all_labels.append(torch.tensor([labels_map[int(l)] for l in batch.labels]))
+            all_index += batch.indices.tolist()
+        if not all_labels:
+            raise DataError(f"No readable images to evaluate in '{data_dir}'.")
+        logits, labels = torch.cat(all_logits), torch.cat(all_labels)
+        predicted = logits.argmax(dim=1)
+        confusion = confusion_matrix(predicted, labels, len(names))
+        report = EvalReport(
+            class_names=names, n_images=int(labels.numel()), top1=topk_accuracy(logits, labels, 1),
+            top5=topk_accuracy(logits, labels, 5), per_class=per_class_accuracy(confusion, names),
+            confusion=confusion.tolist(), skipped=skipped,
+            misclassified=[{"path": str(data.items[i].path), "true": names[int(t)], "predicted": names[int(p)]}
+                           for i, t, p in zip(all_index, labels, predicted) if t != p],
+        )
+        zs_logits = torch.cat(all_zs) if all_zs else None
+        if zs_logits is not None:
+            report.zero_shot_top1 = topk_accuracy(zs_logits, labels, 1)
+        base = [i for i, n in enumerate(names) if n in self.trained_classes]
+        new = [i for i, n in enumerate(names) if n not in self.trained_classes]
+        if base and new:
+            report.base_new = BaseNew.compute(logits, labels, base, new)
+            if zs_logits is not None:
+                report.zero_shot_base_new = BaseNew.compute(zs_logits, labels, base, new)
+        return report
+
+    def _eval_classes(self, folder_classes: list[str]) -> tuple[list[str], dict[int, int]]:
+        """Class list to classify into, and folder label -> column."""
+        if self.method.open_vocabulary:
+            self.set_classes(folder_classes)
+            return folder_classes, {i: i for i in range(len(folder_classes))}
+        unknown = [c for c in folder_classes if c not in self.trained_classes]
+        if unknown:
+            raise DataError(
+                f"Class folder(s) {', '.join(unknown)} were not among the {len(self.trained_classes)} trained classes; "
+                f"a '{self.prompt_file.method}' prompt file only knows its trained classes."
+            )
+        self.set_classes(None)
+        return self.trained_classes, {i: self.trained_classes.index(c) for i, c in enumerate(folder_classes)}
+
+    def _zero_shot(self, names: list[str]):
+        from promptune.methods.zeroshot import ZeroShotCLIP
+
+        return ZeroShotCLIP(self.backbone, names).to(self.device).eval()
+
+
+def load(prompts: str | Path, *, backbone: str | None = None, weights: str | None = None, device: str = "auto",
+         precision: str = "auto") -> TunedModel:
+    """Load a prompt file onto its backbone (from its hub tag, the stored local path, or `weights`)."""
+    prompt_file = load_prompt_file(prompts)
+    torch_device = resolve_device(device)
+    amp_dtype = resolve_precision(torch_device, precision)
+    configure_backend(torch_device)
+    try:
+        cls = get_method(prompt_file.method)
+    except MethodError:
+        raise PromptFileError(f"Prompt file '{prompts}' uses unknown method '{prompt_file.method}'.") from None
+    stored = prompt_file.backbone
+    name = backbone or stored.get("name")
+    if not isinstance(name, str) or not name:
+        raise PromptFileError(f"Prompt file '{prompts}' does not name its backbone.")
+    if backbone is not None and backbone != stored.get("name") and Path(backbone).name != stored.get("name"):
+        raise PromptFileError(f"Prompt file '{prompts}' was tuned on backbone '{stored.get('name')}', not '{backbone}'.")
+    try:
+        bb = load_backbone(name, _resolve_weights(stored, weights), family=cls.family,
+                           stored_config=stored.get("clip_config") if backbone is None else None)
+    except BackboneError as error:
+        raise error
+    _check_backbone_matches(stored, bb)
+    config = cls.make_config(prompt_file.hparams, error=PromptFileError)
+    model = cls(bb, prompt_file.class_names, config)
+    model.load_learned_state(prompt_file.tensors)
+    model.to(torch_device).eval()
+    return TunedModel(prompt_file, model, bb, torch_device, amp_dtype)

@@ -1,0 +1,130 @@
+"""CoOp (Zhou et al., IJCV 2022): learned text context in front of each class name; CLIP stays frozen.
+
+The context is class-independent, so a CoOp prompt file classifies into any class names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from promptune.backbones import Backbone
+from promptune.data import prompt_name
+from promptune.methods.base import PromptMethod, TrainDefaults
+from promptune.methods.clip_text import ClipTextRunner, context_prompts
+
+
+@dataclass
+class CoOpConfig:
+    n_ctx: int = 16  # learned context tokens in front of the class name
+    ctx_init: str = ""  # start the context from this phrase (e.g. "a photo of a"); sets n_ctx to its token count
+
+
+class ClassPrompts(nn.Module):
+    """Tokenised 'X .. X {name}.' prompts for the current class list; class-dependent, so never saved."""
+
+    def __init__(self, runner: ClipTextRunner, names: list[str], n_ctx: int) -> None:
+        super().__init__()
+        tokens = runner.tokenize(context_prompts([prompt_name(n) for n in names], n_ctx))
+        self.register_buffer("tokens", tokens, persistent=False)  # (C, context_length)
+        with torch.no_grad():
+            self.register_buffer("embeddings", runner.embed(tokens), persistent=False)  # (C, context_length, D)
+
+
+class ClipPromptMethod(PromptMethod):
+    """Shared CLIP plumbing: frozen image/text towers, class prompts, cached text features at eval."""
+
+    family = "clip"
+    open_vocabulary = True
+
+    def __init__(self, backbone: Backbone, class_names: list[str], config, n_ctx: int) -> None:
+        super().__init__(backbone, class_names, config)
+        self.clip = backbone.model
+        self.text = ClipTextRunner(backbone.model, backbone.tokenizer)
+        self.n_ctx = n_ctx
+        self.prompts = ClassPrompts(self.text, self.class_names, n_ctx)
+        self._text_cache: torch.Tensor | None = None
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.clip.logit_scale.exp()
+
+    def set_classes(self, class_names: list[str]) -> None:
+        super().set_classes(class_names)
+        device = self.prompts.tokens.device
+        self.prompts = ClassPrompts(self.text, self.class_names, self.n_ctx).to(device)
+        self._text_cache = None
+
+    def train(self, mode: bool = True) -> "ClipPromptMethod":
+        self._text_cache = None
+        return super().train(mode)
+
+    def _load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, value in self.learned_state().items():
+            value.copy_(tensors[name])
+        self._text_cache = None
+
+    def compute_text_features(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def text_features(self) -> torch.Tensor:
+        """(C, E) normalised; computed once per class list while not training."""
+        if self.training or torch.is_grad_enabled():
+            return self.compute_text_features()
+        if self._text_cache is None:
+            self._text_cache = self.compute_text_features()
+        return self._text_cache
+
+    def frozen_image_features(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return F.normalize(self.clip.encode_image(images), dim=-1)
+
+
+class CoOp(ClipPromptMethod):
+    name = "coop"
+    Config = CoOpConfig
+    description = "CoOp: learned text context (the classic CLIP prompt-tuning baseline)"
+    defaults = TrainDefaults(
+        epochs=50, lr=2e-3, weight_decay=5e-4, batch_size=32, shots=16,
+        warmup_epochs=1, warmup="constant", warmup_lr=1e-5, optimizer="sgd",
+    )
+
+    def __init__(self, backbone: Backbone, class_names: list[str], config: CoOpConfig) -> None:
+        runner = ClipTextRunner(backbone.model, backbone.tokenizer)
+        init = self._phrase_embedding(runner, config.ctx_init) if config.ctx_init else None
+        if init is not None:
+            config = CoOpConfig(n_ctx=init.shape[0], ctx_init=config.ctx_init)
+        super().__init__(backbone, class_names, config, config.n_ctx)
+        ctx = init if init is not None else torch.randn(config.n_ctx, runner.width) * 0.02
+        self.ctx = nn.Parameter(ctx.clone())  # (n_ctx, D)
+
+    @classmethod
+    def validate_config(cls, config: CoOpConfig, error: type[Exception]) -> None:
+        if not config.ctx_init and not 1 <= config.n_ctx <= 64:
+            raise error(f"--n-ctx must be between 1 and 64, got {config.n_ctx}.")
+
+    @staticmethod
+    def _phrase_embedding(runner: ClipTextRunner, phrase: str) -> torch.Tensor:
+        tokens = runner.tokenize([phrase])
+        n = int(runner.eot_positions(tokens)[0]) - 1
+        with torch.no_grad():
+            return runner.embed(tokens)[0, 1 : 1 + n].float().cpu()
+
+    def splice(self, ctx: torch.Tensor) -> torch.Tensor:
+        """Class prompt embeddings with the context slots (positions 1..n_ctx) replaced by `ctx`."""
+        emb = self.prompts.embeddings
+        ctx = ctx.to(emb.dtype).unsqueeze(0).expand(emb.shape[0], -1, -1)
+        return torch.cat([emb[:, :1], ctx, emb[:, 1 + self.n_ctx :]], dim=1)
+
+    def compute_text_features(self) -> torch.Tensor:
+        return F.normalize(self.text(self.splice(self.ctx), self.prompts.tokens), dim=-1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        image = self.frozen_image_features(images)
+        return self.logit_scale * image @ self.text_features().t().to(image.dtype)
+
+    def learned_state(self) -> dict[str, torch.Tensor]:
+        return {"ctx": self.ctx}
