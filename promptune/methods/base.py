@@ -59,7 +59,8 @@ class PromptMethod(nn.Module):
         fields = {f.name for f in dataclasses.fields(cls.Config)}
         unknown = sorted(set(options) - fields)
         if unknown:
-            raise error(f"Method '{cls.name}' has no option {', '.join(unknown)}; its options are: {', '.join(sorted(fields))}.")
+            flags = lambda names: ", ".join("--" + n.replace("_", "-") for n in names)  # noqa: E731
+            raise error(f"Method '{cls.name}' has no option {flags(unknown)}; its options are: {flags(sorted(fields))}.")
         try:
             config = cls.Config(**options)
         except (TypeError, ValueError) as exc:

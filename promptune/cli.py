@@ -1,0 +1,292 @@
+"""The `promptune` command: tune / eval / predict. Each command parses options, calls one library function, prints."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+
+from promptune import __version__
+from promptune.errors import PromptuneError
+
+app = typer.Typer(
+    name="promptune",
+    help="Adapt a frozen CLIP or ViT backbone to your own image classes by prompt tuning, from a folder of images.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+METHOD_HELP = "auto (sep for CLIP, spt for ViT), sep, coop, spt or vpt."
+DEVICE_HELP = "auto (cuda, else mps, else cpu), cuda, mps or cpu."
+
+
+def _warn(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    _warn(f"Error: {message}")
+    return typer.Exit(code)
+
+
+def _guarded(action: Callable[[], Any]) -> Any:
+    """User mistakes end in one sentence and a non-zero exit, never a traceback."""
+    try:
+        return action()
+    except PromptuneError as error:
+        raise _fail(str(error)) from None
+    except KeyboardInterrupt:
+        raise _fail("interrupted.", 130) from None
+
+
+def _show_progress(quiet: bool) -> bool:
+    return not quiet and sys.stderr.isatty()
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"promptune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")] = None,
+) -> None:
+    """promptune: prompt-tune CLIP (SEP, CoOp) or ViT (SPT, VPT) backbones on a folder of images."""
+
+
+class ProgressReporter:
+    """A rich progress bar per epoch on stderr (only used on a TTY)."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        console = Console(stderr=True, no_color=bool(os.environ.get("NO_COLOR")))
+        self.progress = Progress(
+            TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.3f}  acc {task.fields[acc]:.1%}  {task.fields[ips]:.0f} img/s"),
+            TimeRemainingColumn(), console=console, transient=True,
+        )
+        self.task = None
+
+    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
+        if self.task is None:
+            self.progress.start()
+        else:
+            self.progress.remove_task(self.task)
+        self.task = self.progress.add_task("train", total=steps, epoch=f"{epoch}/{epochs}", loss=0.0, acc=0.0, ips=0.0)
+
+    def step(self, loss: float, acc: float, images_per_s: float) -> None:
+        self.progress.update(self.task, advance=1, loss=loss, acc=acc, ips=images_per_s)
+
+    def epoch_end(self, stats) -> None:
+        val = f", val acc {stats.val_acc:.1%}" if stats.val_acc is not None else ""
+        self.progress.console.print(
+            f"epoch {stats.epoch}: loss {stats.train_loss:.4f}, train acc {stats.train_acc:.1%}{val}, "
+            f"{stats.images_per_s:.0f} img/s"
+        )
+
+    def close(self) -> None:
+        if self.task is not None:
+            self.progress.stop()
+
+
+class LineReporter:
+    """One line per epoch on stderr when there is no TTY (logs, CI) and not --quiet."""
+
+    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
+        pass
+
+    def step(self, loss: float, acc: float, images_per_s: float) -> None:
+        pass
+
+    def epoch_end(self, stats) -> None:
+        val = f", val acc {stats.val_acc:.1%}" if stats.val_acc is not None else ""
+        _warn(f"epoch {stats.epoch}: loss {stats.train_loss:.4f}, train acc {stats.train_acc:.1%}{val}")
+
+    def close(self) -> None:
+        pass
+
+
+def _parse_base_classes(value: Optional[str]) -> Optional[float]:
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        raise PromptuneError(f"--base-classes must be a class count or a fraction like 0.5, got '{value}'.") from None
+    return int(number) if number >= 1 and number.is_integer() else number
+
+
+@app.command()
+def tune(
+    data_dir: Annotated[Path, typer.Argument(help="Folder with one sub-folder of images per class (or train/ val/ test/ splits).", show_default=False)],
+    method: Annotated[str, typer.Option(help=METHOD_HELP)] = "auto",
+    backbone: Annotated[Optional[str], typer.Option(help="open_clip model name or config JSON (CLIP), or timm ViT name. Default: ViT-B-16 (CLIP) / vit_base_patch16_224.augreg2_in21k_ft_in1k (ViT).", show_default=False)] = None,
+    weights: Annotated[Optional[str], typer.Option(help="Pretrained tag (e.g. openai, laion2b_s34b_b88k) or a local weights file (.safetensors/.bin/.pt/.pth).", show_default=False)] = None,
+    shots: Annotated[Optional[int], typer.Option(help="Training images per class (k-shot). Default: 16 for CLIP methods, all for ViT methods.", show_default=False)] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Training epochs. Default: the method's.", show_default=False)] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per step. Default: the method's (32).", show_default=False)] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate. Default: the method's.", show_default=False)] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="Weight decay. Default: the method's.", show_default=False)] = None,
+    seed: Annotated[int, typer.Option(help="Seed for sampling, initialisation and order.")] = 0,
+    base_classes: Annotated[Optional[str], typer.Option(help="Train on the first N classes in sorted order (or a fraction, e.g. 0.5) for the base-to-new protocol.", show_default=False)] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Prompt file to write.")] = Path("prompts.safetensors"),
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
+    precision: Annotated[str, typer.Option(help="auto (bf16/fp16 autocast on CUDA, fp32 elsewhere), fp32, bf16 or fp16.")] = "auto",
+    workers: Annotated[Optional[int], typer.Option(help="Data-loading worker processes. Default: from the CPU count.", show_default=False)] = None,
+    n_ctx: Annotated[Optional[int], typer.Option(help="[sep, coop] Learned text context tokens (sep 6, coop 16).", show_default=False)] = None,
+    ctx_init: Annotated[Optional[str], typer.Option(help="[coop] Initialise the context from a phrase, e.g. 'a photo of a'.", show_default=False)] = None,
+    n_ctx_v: Annotated[Optional[int], typer.Option(help="[sep] Learned visual prompt tokens (4).", show_default=False)] = None,
+    template: Annotated[Optional[str], typer.Option(help="[sep] Hand-crafted template for the frozen text branch ('a photo of a {}.').", show_default=False)] = None,
+    depth: Annotated[Optional[str], typer.Option(help="[spt, vpt] deep (prompts at every layer) or shallow (input only).", show_default=False)] = None,
+    prompts_per_layer: Annotated[Optional[int], typer.Option(help="[spt, vpt] Prompt tokens per layer (20 deep, 100 shallow).", show_default=False)] = None,
+    init: Annotated[Optional[str], typer.Option(help="[spt] Prompt initialisation: random, mean, max or kmeans token prototypes.", show_default=False)] = None,
+    init_images: Annotated[Optional[int], typer.Option(help="[spt] Images sampled for the prototype initialisation (default all).", show_default=False)] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the final summary.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the run summary as one JSON object.")] = False,
+) -> None:
+    """Learn prompts for the classes in DATA_DIR and write them to one .safetensors prompt file."""
+    from promptune.api import tune as run_tune
+
+    options = dict(n_ctx=n_ctx, ctx_init=ctx_init, n_ctx_v=n_ctx_v, template=template, depth=depth,
+                   prompts_per_layer=prompts_per_layer, init=init, init_images=init_images)
+    reporter = ProgressReporter() if _show_progress(quiet) else (LineReporter() if not quiet and not json_output else None)
+    log = (lambda m: None) if quiet else _warn
+    try:
+        result = _guarded(lambda: run_tune(
+            data_dir, method=method, backbone=backbone, weights=weights, shots=shots, seed=seed, epochs=epochs,
+            batch_size=batch_size, lr=lr, weight_decay=weight_decay, base_classes=_guarded(lambda: _parse_base_classes(base_classes)),
+            device=device, precision=precision, workers=workers, out=out, options=options, reporter=reporter, log=log,
+        ))
+    finally:
+        if reporter is not None:
+            reporter.close()
+    summary = result.summary
+    final = summary.final
+    if json_output:
+        typer.echo(json.dumps({
+            "prompt_file": str(result.path), "method": result.method, "backbone": result.backbone,
+            "classes": result.class_names, "train_per_class": result.train_per_class, "val_images": result.val_images,
+            "skipped_files": len(result.skipped) + summary.skipped_images, "device": result.device,
+            "cpu_threads": result.cpu_threads, **summary.to_dict(),
+        }))
+        return
+    counts = ", ".join(f"{name} {n}" for name, n in result.train_per_class.items())
+    typer.echo(f"Trained {result.method} on {result.backbone} ({result.device}, {result.cpu_threads} CPU threads) "
+               f"for {len(summary.epochs)} epochs in {summary.seconds:.1f} s.")
+    typer.echo(f"Images per class: {counts}; validation images: {result.val_images}; "
+               f"skipped files: {len(result.skipped) + summary.skipped_images}.")
+    if final is not None:
+        val = f"{summary.best_val_acc:.1%} (best, epoch {summary.best_epoch})" if summary.best_val_acc is not None else "n/a (no validation images)"
+        typer.echo(f"Final train accuracy {final.train_acc:.1%}; validation accuracy {val}.")
+    typer.echo(f"Wrote {result.path}")
+
+
+def _load(prompts: Path, backbone: Optional[str], weights: Optional[str], device: str, precision: str):
+    from promptune.api import load
+
+    return _guarded(lambda: load(prompts, backbone=backbone, weights=weights, device=device, precision=precision))
+
+
+def _pct(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
+@app.command("eval")
+def evaluate(
+    data_dir: Annotated[Path, typer.Argument(help="Folder with one sub-folder of images per class (test/ used when present).", show_default=False)],
+    prompts: Annotated[Path, typer.Option("--prompts", "-p", help="Prompt file written by `promptune tune`.", show_default=False)],
+    backbone: Annotated[Optional[str], typer.Option(help="Override the backbone named in the prompt file (must be the same).", show_default=False)] = None,
+    weights: Annotated[Optional[str], typer.Option(help="Local weights file, when the prompt file was tuned on one.", show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 64,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
+    precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16.")] = "auto",
+    workers: Annotated[Optional[int], typer.Option(help="Data-loading worker processes.", show_default=False)] = None,
+    zero_shot: Annotated[bool, typer.Option("--zero-shot/--no-zero-shot", help="Also report zero-shot CLIP ('a photo of a {}.') for comparison.")] = True,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No header line.")] = False,
+) -> None:
+    """Accuracy of a prompt file on a labelled folder: top-1, top-5, per class, and zero-shot CLIP for comparison."""
+    model = _load(prompts, backbone, weights, device, precision)
+    if not quiet:
+        _warn(model.describe())
+    report = _guarded(lambda: model.evaluate(data_dir, batch_size=batch_size, zero_shot=zero_shot, workers=workers))
+    for path in report.skipped:
+        _warn(f"warning: skipped unreadable image {path}")
+    if json_output:
+        typer.echo(json.dumps(report.to_dict()))
+        return
+    typer.echo(f"images: {report.n_images}   classes: {len(report.class_names)}")
+    typer.echo(f"top-1: {report.top1:.2%}   top-5: {report.top5:.2%}")
+    if report.zero_shot_top1 is not None:
+        typer.echo(f"zero-shot CLIP top-1: {report.zero_shot_top1:.2%}")
+    if report.base_new is not None:
+        bn, zs = report.base_new, report.zero_shot_base_new
+        typer.echo(f"base: {_pct(bn.base)}   new: {_pct(bn.new)}   HM: {_pct(bn.hm)}")
+        if zs is not None:
+            typer.echo(f"zero-shot base: {_pct(zs.base)}   new: {_pct(zs.new)}   HM: {_pct(zs.hm)}")
+    width = max(len(n) for n in report.class_names)
+    typer.echo("per class:")
+    for name, acc in report.per_class.items():
+        typer.echo(f"  {name:<{width}}  {_pct(acc)}")
+
+
+def _read_classes(classes: Optional[str], classes_file: Optional[Path]) -> Optional[list[str]]:
+    if classes is not None and classes_file is not None:
+        raise PromptuneError("Give either --classes or --classes-file, not both.")
+    if classes_file is not None:
+        try:
+            lines = classes_file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as error:
+            raise PromptuneError(f"Cannot read --classes-file '{classes_file}': {getattr(error, 'strerror', None) or error}.") from None
+        return [line.strip() for line in lines if line.strip()]
+    if classes is not None:
+        return [name.strip() for name in classes.split(",") if name.strip()] or [""]
+    return None
+
+
+@app.command()
+def predict(
+    paths: Annotated[list[str], typer.Argument(help="Images, folders or glob patterns.", show_default=False)],
+    prompts: Annotated[Path, typer.Option("--prompts", "-p", help="Prompt file written by `promptune tune`.", show_default=False)],
+    top_k: Annotated[int, typer.Option(help="How many classes to show per image.")] = 5,
+    classes: Annotated[Optional[str], typer.Option(help="Comma-separated class names to classify into instead of the trained ones (CLIP methods).", show_default=False)] = None,
+    classes_file: Annotated[Optional[Path], typer.Option(help="File with one class name per line (CLIP methods).", show_default=False)] = None,
+    backbone: Annotated[Optional[str], typer.Option(help="Override the backbone named in the prompt file (must be the same).", show_default=False)] = None,
+    weights: Annotated[Optional[str], typer.Option(help="Local weights file, when the prompt file was tuned on one.", show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
+    precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16.")] = "auto",
+    workers: Annotated[Optional[int], typer.Option(help="Data-loading worker processes.", show_default=False)] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="JSON lines: one object per image.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No header line.")] = False,
+) -> None:
+    """Top-k classes for each image. CLIP prompt files also accept class names never trained (--classes)."""
+    names = _guarded(lambda: _read_classes(classes, classes_file))
+    model = _load(prompts, backbone, weights, device, precision)
+    if not quiet:
+        _warn(model.describe())
+    predictions, problems = _guarded(lambda: model.predict(paths, top_k=top_k, classes=names, batch_size=batch_size, workers=workers))
+    for prediction in predictions:
+        if json_output:
+            typer.echo(json.dumps(prediction.to_dict()))
+        else:
+            ranked = "  ".join(f"{label} {p:.1%}" for label, p in zip(prediction.labels, prediction.probabilities))
+            typer.echo(f"{prediction.path}: {ranked}")
+    for problem in problems:
+        _warn(f"Error: {problem}")
+    if problems:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    app()
