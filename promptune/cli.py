@@ -213,6 +213,7 @@ def evaluate(
     workers: Annotated[Optional[int], typer.Option(help="Data-loading worker processes.", show_default=False)] = None,
     zero_shot: Annotated[bool, typer.Option("--zero-shot/--no-zero-shot", help="Also report zero-shot CLIP ('a photo of a {}.') for comparison.")] = True,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    report_dir: Annotated[Optional[Path], typer.Option("--report", help="Write metrics.json, per_class.csv, confusion.png and misclassified.csv here.", show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No header line.")] = False,
 ) -> None:
     """Accuracy of a prompt file on a labelled folder: top-1, top-5, per class, and zero-shot CLIP for comparison."""
@@ -222,6 +223,13 @@ def evaluate(
     report = _guarded(lambda: model.evaluate(data_dir, batch_size=batch_size, zero_shot=zero_shot, workers=workers))
     for path in report.skipped:
         _warn(f"warning: skipped unreadable image {path}")
+    if report_dir is not None:
+        from promptune.report import write_report
+
+        header = {"prompt_file": str(prompts), "description": model.describe()}
+        written = _guarded(lambda: write_report(report, report_dir, header))
+        if not quiet:
+            _warn(f"report written to {report_dir}/ ({', '.join(p.name for p in written)})")
     if json_output:
         typer.echo(json.dumps(report.to_dict()))
         return
@@ -268,6 +276,7 @@ def predict(
     precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16.")] = "auto",
     workers: Annotated[Optional[int], typer.Option(help="Data-loading worker processes.", show_default=False)] = None,
     json_output: Annotated[bool, typer.Option("--json", help="JSON lines: one object per image.")] = False,
+    csv_output: Annotated[bool, typer.Option("--csv", help="CSV: path, rank, label, probability.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No header line.")] = False,
 ) -> None:
     """Top-k classes for each image. CLIP prompt files also accept class names never trained (--classes)."""
@@ -276,8 +285,18 @@ def predict(
     if not quiet:
         _warn(model.describe())
     predictions, problems = _guarded(lambda: model.predict(paths, top_k=top_k, classes=names, batch_size=batch_size, workers=workers))
+    if json_output and csv_output:
+        raise _fail("give either --json or --csv, not both.")
+    if csv_output:
+        import csv
+
+        writer = csv.writer(sys.stdout)
+        writer.writerow(["path", "rank", "label", "probability"])
     for prediction in predictions:
-        if json_output:
+        if csv_output:
+            for rank, (label, p) in enumerate(zip(prediction.labels, prediction.probabilities), start=1):
+                writer.writerow([prediction.path, rank, label, f"{p:.6f}"])
+        elif json_output:
             typer.echo(json.dumps(prediction.to_dict()))
         else:
             ranked = "  ".join(f"{label} {p:.1%}" for label, p in zip(prediction.labels, prediction.probabilities))
