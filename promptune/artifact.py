@@ -51,6 +51,12 @@ class PromptFile:
         return meta
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save_prompt_file(path: str | Path, prompt_file: PromptFile) -> Path:
     """Write atomically: a reader sees the old file or the complete new one, never a partial write."""
     path = Path(path)
@@ -64,6 +70,7 @@ def save_prompt_file(path: str | Path, prompt_file: PromptFile) -> Path:
     os.close(fd)
     try:
         save_file(tensors, tmp_name, metadata=prompt_file.metadata())
+        os.chmod(tmp_name, 0o666 & ~_current_umask())  # mkstemp creates 0600; a prompt file is an ordinary file
         with open(tmp_name, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
