@@ -95,7 +95,8 @@ class TokenReservoir:
         have = 0 if self._store is None else self._store.shape[0]
         if rows <= have:
             return
-        grown = torch.empty(min(self.budget, max(rows, 2 * have)), tokens.shape[1], dtype=torch.float32, device=tokens.device)
+        capacity = min(self.budget, max(rows, 2 * have))
+        grown = torch.empty(capacity, tokens.shape[1], dtype=torch.float32, device=tokens.device)
         if self._store is not None:
             grown[: self.seen] = self._store[: self.seen]
         self._store = grown
@@ -152,7 +153,7 @@ def pool_windows(tokens: torch.Tensor, window: int, mode: str) -> torch.Tensor:
 
 
 def kmeans(points: torch.Tensor, k: int, iters: int, generator: torch.Generator) -> torch.Tensor:
-    """k centres of (N, D) points by Lloyd iterations from k distinct random points; an empty cluster keeps its centre."""
+    """k centres of (N, D) points: Lloyd iterations from k distinct random points; an empty cluster keeps its centre."""
     start = torch.randperm(points.shape[0], generator=generator)[:k].to(points.device)
     centres = points[start].clone()
     for _ in range(iters):
@@ -206,7 +207,9 @@ class SPT(PromptMethod):
         warmup="linear",
         optimizer="adamw",
     )
-    description: ClassVar[str] = "Self-Prompt Tuning: deep visual prompts initialised from the data's own tokens + a linear head (timm ViT)."
+    description: ClassVar[str] = (
+        "Self-Prompt Tuning: deep visual prompts initialised from the data's own tokens + a linear head (timm ViT)."
+    )
     init_choices: ClassVar[tuple[str, ...]] = SPT_INITS
 
     def __init__(self, backbone: Backbone, class_names: list[str], config: Any = None) -> None:
@@ -220,7 +223,9 @@ class SPT(PromptMethod):
                 f"{type(model).__name__}."
             )
         if model.attn_pool is None and not model.global_pool:
-            raise MethodError(f"Backbone '{backbone.name}' has no pooling (global_pool=''), so it cannot feed a classifier head.")
+            raise MethodError(
+                f"Backbone '{backbone.name}' has no pooling (global_pool=''), so it cannot feed a classifier head."
+            )
         self.validate_config(self.config, MethodError)
         depth = self.config.depth
         count = DEFAULT_PROMPTS[depth] if self.config.prompts_per_layer is None else int(self.config.prompts_per_layer)
@@ -263,7 +268,10 @@ class SPT(PromptMethod):
         if not hasattr(config, "reservoir_size"):
             return
         if config.init_images is not None and (not whole(config.init_images) or config.init_images < 1):
-            raise error(f"Method '{cls.name}' init_images must be a whole number >= 1 (or unset for all images), not {config.init_images!r}.")
+            raise error(
+                f"Method '{cls.name}' init_images must be a whole number >= 1 (or unset for all images), "
+                f"not {config.init_images!r}."
+            )
         for field in ("pool_window", "kmeans_iters", "reservoir_size"):
             value = getattr(config, field)
             if not whole(value) or value < 1:
@@ -271,7 +279,8 @@ class SPT(PromptMethod):
         resolved = DEFAULT_PROMPTS[config.depth] if count is None else count
         if config.reservoir_size < resolved:
             raise error(
-                f"Method '{cls.name}' reservoir_size ({config.reservoir_size}) must be at least prompts_per_layer ({resolved})."
+                f"Method '{cls.name}' reservoir_size ({config.reservoir_size}) must be at least "
+                f"prompts_per_layer ({resolved})."
             )
 
     def xavier_bound(self) -> float:
@@ -404,7 +413,9 @@ class SPT(PromptMethod):
         """
         if self.num_prompts == 0:
             return
-        self.to(device)
+        if device is None:
+            device = self.prompts.device
+        self.to(device)  # collect where training will run
         count = self.num_prompts
         budget = self.config.reservoir_size if self.config.init == "kmeans" else count
         reservoirs = self.collect(loader, device, seed, budget)
@@ -413,7 +424,8 @@ class SPT(PromptMethod):
             what = "pooled windows" if self.config.init in ("mean", "max") else "tokens"
             raise MethodError(
                 f"SPT needs at least {count} {what} per layer to start {count} prompts, but the "
-                f"{self.init_summary['images']} training image(s) gave only {held}; lower prompts_per_layer or use more images."
+                f"{self.init_summary['images']} training image(s) gave only {held}; "
+                f"lower prompts_per_layer or use more images."
             )
         initial = []
         for layer, reservoir in enumerate(reservoirs):
@@ -438,7 +450,11 @@ class SPT(PromptMethod):
         ]
 
     def learned_state(self) -> dict[str, torch.Tensor]:
-        return {"prompts": self.prompts.detach(), "head.weight": self.head.weight.detach(), "head.bias": self.head.bias.detach()}
+        return {
+            "prompts": self.prompts.detach(),
+            "head.weight": self.head.weight.detach(),
+            "head.bias": self.head.bias.detach(),
+        }
 
     def _load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         for target, key in ((self.prompts, "prompts"), (self.head.weight, "head.weight"), (self.head.bias, "head.bias")):
