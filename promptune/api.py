@@ -25,6 +25,7 @@ from promptune.data import (
     load_eval_data,
     load_training_data,
     make_loader,
+    prompt_name,
 )
 from promptune.devices import autocast, configure_backend, resolve_device, resolve_precision
 from promptune.errors import BackboneError, DataError, MethodError, PromptFileError, PromptuneError
@@ -298,8 +299,10 @@ class TunedModel:
 
     def set_classes(self, class_names: Sequence[str] | None) -> list[str]:
         names = list(class_names) if class_names else self.trained_classes
-        if not names:
+        if not names or all(not prompt_name(n) for n in names):
             raise MethodError("--classes is empty; give at least one class name.")
+        if any(not prompt_name(n) for n in names):
+            raise MethodError("--classes has an empty class name; give every class a name.")
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise MethodError(f"--classes has duplicate names: {', '.join(duplicates)}.")
@@ -410,6 +413,11 @@ def load(prompts: str | Path, *, backbone: str | None = None, weights: str | Non
     except MethodError:
         raise PromptFileError(f"Prompt file '{prompts}' uses unknown method '{prompt_file.method}'.") from None
     stored = prompt_file.backbone
+    if stored.get("family") is not None and stored.get("family") != cls.family:
+        raise PromptFileError(
+            f"Prompt file '{prompts}' names method '{prompt_file.method}' (for {cls.family.upper()} backbones) but a "
+            f"{str(stored.get('family')).upper()} backbone '{stored.get('name')}'; the file is corrupt."
+        )
     name = backbone or stored.get("name")
     if not isinstance(name, str) or not name:
         raise PromptFileError(f"Prompt file '{prompts}' does not name its backbone.")

@@ -105,9 +105,9 @@ def backbone_family(name: str) -> Family:
 
     candidates = _clip_names() + timm.list_models()
     close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.6)
-    hint = f" Close matches: {', '.join(close)}." if close else ""
+    hint = f"; close matches: {', '.join(close)}" if close else ""
     raise BackboneError(
-        f"Unknown backbone '{name}': it is neither an open_clip model (CLIP) nor a timm model (ViT).{hint}"
+        f"Unknown backbone '{name}': it is neither an open_clip model (CLIP) nor a timm model (ViT){hint}."
     )
 
 

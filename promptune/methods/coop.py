@@ -13,6 +13,7 @@ from torch import nn
 
 from promptune.backbones import Backbone
 from promptune.data import prompt_name
+from promptune.errors import MethodError
 from promptune.methods.base import PromptMethod, TrainDefaults
 from promptune.methods.clip_text import ClipTextRunner, context_prompts
 
@@ -96,6 +97,8 @@ class CoOp(ClipPromptMethod):
         runner = ClipTextRunner(backbone.model, backbone.tokenizer)
         init = self._phrase_embedding(runner, config.ctx_init) if config.ctx_init else None
         if init is not None:
+            if not 1 <= init.shape[0] <= 64:
+                raise MethodError(f"--ctx-init must be 1 to 64 tokens long, got {init.shape[0]}.")
             config = CoOpConfig(n_ctx=init.shape[0], ctx_init=config.ctx_init)
         super().__init__(backbone, class_names, config, config.n_ctx)
         ctx = init if init is not None else torch.randn(config.n_ctx, runner.width) * 0.02
@@ -103,6 +106,12 @@ class CoOp(ClipPromptMethod):
 
     @classmethod
     def validate_config(cls, config: CoOpConfig, error: type[Exception]) -> None:
+        if not isinstance(config.ctx_init, str):
+            raise error(f"--ctx-init must be a phrase, got {config.ctx_init!r}.")
+        if config.ctx_init and not config.ctx_init.strip():
+            raise error("--ctx-init is blank; give a phrase such as 'a photo of a'.")
+        if isinstance(config.n_ctx, bool) or not isinstance(config.n_ctx, int):
+            raise error(f"--n-ctx must be a whole number, got {config.n_ctx!r}.")
         if not config.ctx_init and not 1 <= config.n_ctx <= 64:
             raise error(f"--n-ctx must be between 1 and 64, got {config.n_ctx}.")
 
