@@ -14,12 +14,24 @@ import torch
 from promptune import __version__
 from promptune.artifact import PromptFile, load_prompt_file, save_prompt_file
 from promptune.backbones import Backbone, backbone_family, load_backbone
+from promptune.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    default_checkpoint_dir,
+    file_fingerprint,
+    has_checkpoint,
+    load_checkpoint,
+    remove_checkpoint,
+    run_differences,
+    save_checkpoint,
+)
 from promptune.data import (
     EvalData,
     ImageDataset,
     ImageItem,
     Preprocess,
     SkippedFile,
+    TrainingData,
     build_transform,
     images_in,
     load_eval_data,
@@ -32,7 +44,16 @@ from promptune.errors import BackboneError, DataError, MethodError, PromptFileEr
 from promptune.methods import get_method, resolve_method_name
 from promptune.methods.base import PromptMethod
 from promptune.metrics import BaseNew, confusion_matrix, per_class_accuracy, topk_accuracy
-from promptune.train import Reporter, Trainer, TrainConfig, TrainSummary, seed_everything
+from promptune.stop import RunInterrupted, StopSignals, signal_name
+from promptune.train import (
+    Reporter,
+    Trainer,
+    TrainConfig,
+    TrainingStopped,
+    TrainSummary,
+    seed_everything,
+    trainable_parameters,
+)
 
 Log = Callable[[str], None]
 
@@ -99,6 +120,59 @@ def _train_config(cls: type[PromptMethod], epochs, lr, batch_size, weight_decay,
     )
 
 
+def _check_checkpoint_request(folder: Path, checkpoint: bool, resume: bool) -> None:
+    """Refuse early what cannot work, before any image is scanned or weights are loaded."""
+    if folder.exists() and not folder.is_dir():
+        raise CheckpointError(f"--checkpoint-dir '{folder}' is a file; give a folder.")
+    if resume and not checkpoint:
+        raise CheckpointError("--resume needs the run's checkpoint; drop --no-checkpoint.")
+    if resume and not has_checkpoint(folder):
+        raise CheckpointError(f"Nothing to resume: there is no checkpoint in '{folder}'.")
+    if not resume and checkpoint and has_checkpoint(folder):
+        raise CheckpointError(
+            f"'{folder}' holds the checkpoint of an unfinished run; add --resume to continue it, or delete that folder "
+            f"to start over."
+        )
+
+
+def _run_identity(method: str, bb: Backbone, model: PromptMethod, cfg: TrainConfig, data: TrainingData,
+                  data_dir: Path, shots: int | None, base_classes: float | None) -> dict[str, Any]:
+    """What must be the same for a checkpoint to continue this run exactly (not --workers, not --device)."""
+    return {
+        "method": method,
+        "backbone": bb.describe(),
+        "hparams": model.hparams(),
+        "train": {
+            "epochs": cfg.epochs, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "batch_size": cfg.batch_size,
+            "seed": cfg.seed, "precision": str(cfg.amp_dtype).replace("torch.", ""), "optimizer": cfg.optimizer,
+        },
+        "shots": shots,
+        "base_classes": base_classes,
+        "classes": data.class_names,
+        "train_files": file_fingerprint(data_dir, [item.path for item in data.train]),
+        "val_files": file_fingerprint(data_dir, [item.path for item in data.val]),
+    }
+
+
+def _resume_state(folder: Path, run: dict[str, Any], model: PromptMethod) -> Checkpoint:
+    saved = load_checkpoint(folder)
+    differences = run_differences(saved.run, run)
+    if differences:
+        raise CheckpointError(
+            f"Cannot resume from '{folder}': this run differs from the checkpoint's in {'; '.join(differences)}."
+        )
+    expected = {f"param.{name}" for name in trainable_parameters(model)}
+    if not expected <= saved.tensors.keys():
+        raise CheckpointError(f"The checkpoint in '{folder}' is damaged (learned tensors are missing); delete it.")
+    return saved
+
+
+def _where(stopped: TrainingStopped, steps_per_epoch: int) -> str:
+    if stopped.step == 0:
+        return f"before epoch {stopped.epoch}"
+    return f"at epoch {stopped.epoch}, step {stopped.step} of {steps_per_epoch}"
+
+
 def tune(
     data_dir: str | Path,
     *,
@@ -116,11 +190,20 @@ def tune(
     precision: str = "auto",
     workers: int | None = None,
     out: str | Path = "prompts.safetensors",
+    checkpoint: bool = True,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    handle_signals: bool = True,
     options: dict[str, Any] | None = None,
     reporter: Reporter | None = None,
     log: Log = _quiet,
 ) -> TuneResult:
-    """Learn prompts for the classes in `data_dir` and write them to `out` (atomically)."""
+    """Learn prompts for the classes in `data_dir` and write them to `out` (atomically).
+
+    With `checkpoint`, the run's state is saved in `checkpoint_dir` (default: beside `out`) after every epoch and on
+    SIGINT/SIGTERM (then `RunInterrupted` is raised); `resume` continues from it, ending with the same prompt tensors
+    as an uninterrupted run. The checkpoint is removed once the prompt file is written.
+    """
     _check_positive("--shots", shots)
     _check_positive("--epochs", epochs, 1, 100_000)
     _check_positive("--batch-size", batch_size, 1, 65_536)
@@ -130,6 +213,8 @@ def tune(
     _check_positive("--seed", seed, 0)
     out = Path(out)
     _check_output(out)
+    folder = Path(checkpoint_dir) if checkpoint_dir is not None else default_checkpoint_dir(out)
+    _check_checkpoint_request(folder, checkpoint, resume)
     torch_device = resolve_device(device)
     amp_dtype = resolve_precision(torch_device, precision)
     threads = configure_backend(torch_device)
@@ -142,32 +227,62 @@ def tune(
     config = cls.make_config({k: v for k, v in (options or {}).items() if v is not None})
     cfg = _train_config(cls, epochs, lr, batch_size, weight_decay, seed, amp_dtype)
 
-    data = load_training_data(Path(data_dir), shots=shots or cls.defaults.shots, seed=seed, base_classes=base_classes)
-    for skipped in data.skipped:
-        log(f"warning: skipped {skipped.path} ({skipped.reason})")
-    log(f"loading backbone {backbone or '(default)'} ...")
-    bb = load_backbone(backbone, weights, family=family)
-    seed_everything(seed)
-    model = cls(bb, data.class_names, config).to(torch_device)
+    with StopSignals(enabled=handle_signals) as stop:
+        data = load_training_data(Path(data_dir), shots=shots or cls.defaults.shots, seed=seed, base_classes=base_classes)
+        for skipped in data.skipped:
+            log(f"warning: skipped {skipped.path} ({skipped.reason})")
+        log(f"loading backbone {backbone or '(default)'} ...")
+        bb = load_backbone(backbone, weights, family=family)
+        seed_everything(seed)
+        model = cls(bb, data.class_names, config).to(torch_device)
+        run = _run_identity(method_name, bb, model, cfg, data, Path(data_dir), shots, base_classes)
+        saved = _resume_state(folder, run, model) if resume else None
 
-    pin = torch_device.type == "cuda"
-    train_set = ImageDataset(data.train, build_transform(bb.preprocess, train=True))
-    eval_transform = build_transform(bb.preprocess, train=False)
-    train_loader = make_loader(train_set, cfg.batch_size, shuffle=True, seed=seed, workers=workers, pin_memory=pin)
-    val_loader = (
-        make_loader(ImageDataset(data.val, eval_transform), cfg.batch_size, shuffle=False, workers=workers, pin_memory=pin)
-        if data.val else None
-    )
-    prepare_loader = make_loader(ImageDataset(data.train, eval_transform), cfg.batch_size, shuffle=True, seed=seed,
-                                 workers=workers, pin_memory=pin)
-    with torch.no_grad(), autocast(torch_device, amp_dtype):
-        model.prepare(prepare_loader, torch_device, seed)
+        pin = torch_device.type == "cuda"
+        train_set = ImageDataset(data.train, build_transform(bb.preprocess, train=True))
+        eval_transform = build_transform(bb.preprocess, train=False)
+        train_loader = make_loader(train_set, cfg.batch_size, shuffle=True, seed=seed, workers=workers, pin_memory=pin)
+        val_loader = (
+            make_loader(ImageDataset(data.val, eval_transform), cfg.batch_size, shuffle=False, workers=workers, pin_memory=pin)
+            if data.val else None
+        )
+        if saved is None:
+            prepare_loader = make_loader(ImageDataset(data.train, eval_transform), cfg.batch_size, shuffle=True,
+                                         seed=seed, workers=workers, pin_memory=pin)
+            with torch.no_grad(), autocast(torch_device, amp_dtype):
+                model.prepare(prepare_loader, torch_device, seed)
 
-    trainer = Trainer(model, cfg, torch_device, steps_per_epoch=len(train_loader))
-    summary = trainer.fit(train_loader, val_loader, reporter)
+        trainer = Trainer(model, cfg, torch_device, steps_per_epoch=len(train_loader))
+        if saved is not None:
+            trainer.restore(saved.tensors, saved.trainer)
+            log(f"resuming from '{folder}' at epoch {trainer.epoch + 1}, step {trainer.progress.step}")
+
+        def save_state(t: Trainer) -> None:
+            tensors, meta = t.state()
+            stopped_by = signal_name(stop.received) if stop.requested else None
+            save_checkpoint(folder, Checkpoint(run=run, trainer=meta, tensors=tensors, stopped_by=stopped_by))
+
+        with stop.deferred():
+            try:
+                summary = trainer.fit(train_loader, val_loader, reporter, checkpoint=save_state if checkpoint else None,
+                                      should_stop=lambda: stop.requested)
+            except TrainingStopped as stopped:
+                where = _where(stopped, math.ceil(len(train_set) / cfg.batch_size))
+                raise RunInterrupted(stop.received or 0, folder if checkpoint else None, where) from None
+            path = _write_prompt_file(out, method_name, bb, model, data, cfg, summary, shots or cls.defaults.shots,
+                                      Path(data_dir).name, torch_device, amp_dtype)
+            if checkpoint:
+                remove_checkpoint(folder)
     per_class = {name: 0 for name in data.class_names}
     for item in data.train:
         per_class[data.class_names[item.label]] += 1
+    return TuneResult(path, method_name, bb.name, data.class_names, per_class, len(data.val), data.skipped, summary,
+                      torch_device.type, threads)
+
+
+def _write_prompt_file(out: Path, method_name: str, bb: Backbone, model: PromptMethod, data: TrainingData,
+                       cfg: TrainConfig, summary: TrainSummary, shots: int | None, data_name: str,
+                       device: torch.device, amp_dtype: torch.dtype) -> Path:
     training = {
         **summary.to_dict(),
         "epochs": cfg.epochs,
@@ -175,13 +290,13 @@ def tune(
         "batch_size": cfg.batch_size,
         "weight_decay": cfg.weight_decay,
         "optimizer": cfg.optimizer,
-        "shots": shots or cls.defaults.shots,
-        "seed": seed,
+        "shots": shots,
+        "seed": cfg.seed,
         "train_images": len(data.train),
         "val_images": len(data.val),
         "skipped_files": len(data.skipped) + summary.skipped_images,
-        "data_dir": Path(data_dir).name,
-        "device": torch_device.type,
+        "data_dir": data_name,
+        "device": device.type,
         "precision": str(amp_dtype).replace("torch.", ""),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -195,9 +310,7 @@ def tune(
         training=training,
         promptune_version=__version__,
     )
-    save_prompt_file(out, prompt_file)
-    return TuneResult(out, method_name, bb.name, data.class_names, per_class, len(data.val), data.skipped, summary,
-                      torch_device.type, threads)
+    return save_prompt_file(out, prompt_file)
 
 
 # ------------------------------------------------------------------------------------------------------------ load

@@ -8,9 +8,7 @@ and shapes against the model they rebuild (`PromptMethod.load_learned_state`).
 from __future__ import annotations
 
 import json
-import os
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from promptune.errors import PromptFileError
+from promptune.fileio import atomic_write
 
 FORMAT_NAME = "promptune.prompts"
 FORMAT_VERSION = 1
@@ -51,12 +50,6 @@ class PromptFile:
         return meta
 
 
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def save_prompt_file(path: str | Path, prompt_file: PromptFile) -> Path:
     """Write atomically: a reader sees the old file or the complete new one, never a partial write."""
     path = Path(path)
@@ -66,19 +59,10 @@ def save_prompt_file(path: str | Path, prompt_file: PromptFile) -> Path:
     if not folder.is_dir():
         raise PromptFileError(f"Cannot write the prompt file: folder '{folder}' does not exist.")
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in prompt_file.tensors.items()}
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
     try:
-        save_file(tensors, tmp_name, metadata=prompt_file.metadata())
-        os.chmod(tmp_name, 0o666 & ~_current_umask())  # mkstemp creates 0600; a prompt file is an ordinary file
-        with open(tmp_name, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
+        atomic_write(path, lambda tmp_name: save_file(tensors, tmp_name, metadata=prompt_file.metadata()))
     except OSError as error:
         raise PromptFileError(f"Cannot write the prompt file '{path}': {error.strerror or error}.") from error
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
     return path
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
@@ -12,6 +13,7 @@ import typer
 
 from promptune import __version__
 from promptune.errors import PromptuneError
+from promptune.stop import RunInterrupted
 
 app = typer.Typer(
     name="promptune",
@@ -35,10 +37,20 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+def _resume_hint() -> str:
+    argv = [arg for arg in sys.argv[1:] if arg != "--resume"]
+    return shlex.join(["promptune", *argv, "--resume"])
+
+
 def _guarded(action: Callable[[], Any]) -> Any:
     """User mistakes end in one sentence and a non-zero exit, never a traceback."""
     try:
         return action()
+    except RunInterrupted as stopped:
+        _warn(str(stopped))
+        if stopped.checkpoint_dir is not None:
+            _warn(f"Resume with: {_resume_hint()}")
+        raise typer.Exit(stopped.exit_code) from None
     except PromptuneError as error:
         raise _fail(str(error)) from None
     except KeyboardInterrupt:
@@ -151,10 +163,17 @@ def tune(
     prompts_per_layer: Annotated[Optional[int], typer.Option(help="[spt, vpt] Prompt tokens per layer (20 deep, 100 shallow).", show_default=False)] = None,
     init: Annotated[Optional[str], typer.Option(help="[spt] Prompt initialisation: random, mean, max or kmeans token prototypes.", show_default=False)] = None,
     init_images: Annotated[Optional[int], typer.Option(help="[spt] Images sampled for the prototype initialisation (default all).", show_default=False)] = None,
+    checkpoint_dir: Annotated[Optional[Path], typer.Option(help="Folder for the per-epoch checkpoint. Default: beside --out (prompts.checkpoint/).", show_default=False)] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run whose checkpoint is in --checkpoint-dir (same data and options).")] = False,
+    no_checkpoint: Annotated[bool, typer.Option("--no-checkpoint", help="Do not save checkpoints (Ctrl-C then loses the run).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the final summary.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the run summary as one JSON object.")] = False,
 ) -> None:
-    """Learn prompts for the classes in DATA_DIR and write them to one .safetensors prompt file."""
+    """Learn prompts for the classes in DATA_DIR and write them to one .safetensors prompt file.
+
+    A checkpoint is saved after every epoch; Ctrl-C or SIGTERM saves one mid-epoch and exits (130 / 143), and
+    the same command with --resume continues to the same result as an uninterrupted run.
+    """
     from promptune.api import tune as run_tune
 
     options = dict(n_ctx=n_ctx, ctx_init=ctx_init, n_ctx_v=n_ctx_v, template=template, depth=depth,
@@ -165,7 +184,8 @@ def tune(
         result = _guarded(lambda: run_tune(
             data_dir, method=method, backbone=backbone, weights=weights, shots=shots, seed=seed, epochs=epochs,
             batch_size=batch_size, lr=lr, weight_decay=weight_decay, base_classes=_guarded(lambda: _parse_base_classes(base_classes)),
-            device=device, precision=precision, workers=workers, out=out, options=options, reporter=reporter, log=log,
+            device=device, precision=precision, workers=workers, out=out, checkpoint=not no_checkpoint,
+            checkpoint_dir=checkpoint_dir, resume=resume, options=options, reporter=reporter, log=log,
         ))
     finally:
         if reporter is not None:

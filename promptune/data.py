@@ -8,18 +8,20 @@ they are decoded, skipped and reported; at evaluation time the loader drops them
 from __future__ import annotations
 
 import glob
+import hashlib
 import math
 import os
 import random
+import signal
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 
 from promptune.errors import DataError
@@ -545,14 +547,56 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> Sample:
+    def __getitem__(self, key: int | tuple[int, int]) -> Sample:
+        """`key` is an index, or (index, seed) from `SeededOrder`: the random augmentation then depends on that seed
+        alone, not on which worker process decodes the image or what it decoded before."""
+        index, sample_seed = key if isinstance(key, tuple) else (key, None)
         item = self.items[index]
         try:
             image = decode_image(item.path)
         except UnreadableImageError:
             return None, item.label, index
         with image:
-            return self.transform(image), item.label, index
+            if sample_seed is None:
+                return self.transform(image), item.label, index
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(sample_seed)
+                return self.transform(image), item.label, index
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 63-bit seed that is a pure function of `parts` (stable across processes and Python runs, unlike hash())."""
+    digest = hashlib.sha256(":".join(str(part) for part in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+class SeededOrder(Sampler[tuple[int, int]]):
+    """Shuffled (index, augmentation seed) pairs that are a pure function of (seed, epoch).
+
+    Nothing about the order or the augmentation lives in a random stream, so a run can stop after any step and resume
+    at the same place (`set_epoch(epoch, start)`), and the result does not depend on the number of loader workers.
+    """
+
+    def __init__(self, size: int, seed: int, shuffle: bool = True) -> None:
+        self.size = size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+        self.start = 0  # position in the epoch's order to start from
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch = epoch
+        self.start = start
+
+    def __len__(self) -> int:
+        return max(0, self.size - self.start)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        generator = torch.Generator().manual_seed(derive_seed("order", self.seed, self.epoch))
+        order = torch.randperm(self.size, generator=generator) if self.shuffle else torch.arange(self.size)
+        seeds = torch.randint(0, 2**62, (self.size,), generator=generator)
+        for position in range(self.start, self.size):
+            yield int(order[position]), int(seeds[position])
 
 
 @dataclass
@@ -600,20 +644,26 @@ def make_loader(
     pin_memory: bool = False,
     drop_last: bool = False,
 ) -> DataLoader:
+    """Batches of `Batch`. With `shuffle`, the order and augmentation come from a `SeededOrder` (see `set_epoch`)."""
     workers = default_workers() if workers is None else workers
-    generator = torch.Generator()
-    generator.manual_seed(seed)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        sampler=SeededOrder(len(dataset), seed) if shuffle else None,
         num_workers=workers,
         persistent_workers=workers > 0,
         pin_memory=pin_memory,
         drop_last=drop_last,
-        generator=generator,
         collate_fn=collate_skipping,
+        worker_init_fn=_ignore_stop_signals if workers > 0 else None,
     )
+
+
+def _ignore_stop_signals(_: int) -> None:
+    """Loader workers leave Ctrl-C / SIGTERM to the main process, which stops the run cleanly and shuts them down."""
+    for name in ("SIGINT", "SIGTERM"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 # --------------------------------------------------------------------------------------------------------- predict

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
@@ -11,7 +12,7 @@ from typing import Any, Callable, Iterable, Protocol
 import torch
 from torch import nn
 
-from promptune.data import Batch
+from promptune.data import Batch, derive_seed
 from promptune.devices import autocast
 from promptune.errors import MethodError
 from promptune.methods.base import PromptMethod
@@ -67,6 +68,25 @@ class TrainSummary:
             "final_train_loss": last.train_loss if last else None,
             "seconds": round(self.seconds, 2),
         }
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "epochs": [dataclasses.asdict(stats) for stats in self.epochs],
+            "best_epoch": self.best_epoch,
+            "best_val_acc": self.best_val_acc,
+            "seconds": self.seconds,
+            "skipped_images": self.skipped_images,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> TrainSummary:
+        return cls(
+            epochs=[EpochStats(**stats) for stats in state["epochs"]],
+            best_epoch=state["best_epoch"],
+            best_val_acc=state["best_val_acc"],
+            seconds=state["seconds"],
+            skipped_images=state["skipped_images"],
+        )
 
 
 class Reporter(Protocol):
@@ -146,8 +166,42 @@ def _snapshot(method: PromptMethod) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in method.learned_state().items()}
 
 
+def trainable_parameters(method: nn.Module) -> dict[str, nn.Parameter]:
+    """Everything the optimiser updates (a method's learned state plus any training-only parameters)."""
+    return {name: p for name, p in method.named_parameters() if p.requires_grad}
+
+
+@dataclass
+class EpochProgress:
+    """The running totals of the epoch in progress; a checkpoint taken mid-epoch stores them."""
+
+    step: int = 0  # loader batches done in this epoch
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    wait: float = 0.0  # seconds spent waiting for the loader
+    seconds: float = 0.0
+
+
+class TrainingStopped(Exception):
+    """`fit` stopped early because `should_stop` said so; the trainer's state is consistent and resumable."""
+
+    def __init__(self, epoch: int, step: int) -> None:
+        super().__init__(f"stopped in epoch {epoch} after step {step}")
+        self.epoch = epoch  # 1-based epoch that was running
+        self.step = step  # its steps done
+
+
+def _cpu(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().to("cpu").contiguous()
+
+
+def _never() -> bool:
+    return False
+
+
 class Trainer:
-    """One training run. `fit` runs all epochs; the pieces are methods so checkpoint/resume can reuse them."""
+    """One training run. `fit` runs the epochs left; `state`/`restore` make it resumable after any step."""
 
     def __init__(self, method: PromptMethod, cfg: TrainConfig, device: torch.device, steps_per_epoch: int) -> None:
         self.method = method
@@ -160,6 +214,7 @@ class Trainer:
         self.summary = TrainSummary()
         self.best_state: dict[str, torch.Tensor] | None = None
         self.epoch = 0  # epochs completed
+        self.progress = EpochProgress()  # of epoch `self.epoch + 1`
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
         with autocast(self.device, self.cfg.amp_dtype):
@@ -173,33 +228,35 @@ class Trainer:
             raise MethodError("Training diverged (the loss became NaN or infinite); try a lower --lr.")
         return float(loss.detach()), int((logits.detach().argmax(-1) == labels).sum())
 
-    def run_epoch(self, loader: Iterable[Batch], reporter: Reporter) -> tuple[float, float, float, int, float]:
+    def run_epoch(self, loader: Iterable[Batch], reporter: Reporter, should_stop: Callable[[], bool] = _never) -> bool:
+        """Train over `loader`, adding to `self.progress`; False when `should_stop` cut the epoch short."""
         self.method.train()
-        loss_sum = seen = correct = 0.0
-        wait = 0.0
-        start = time.perf_counter()
-        mark = start
+        progress = self.progress
+        seconds_before = progress.seconds
+        start = mark = time.perf_counter()
         for batch in loader:
-            wait += time.perf_counter() - mark
+            progress.wait += time.perf_counter() - mark
             self.summary.skipped_images += len(batch.failed)
-            if batch.labels.numel() == 0:
-                mark = time.perf_counter()
-                continue
-            images, labels = _to_device(batch, self.device)
-            loss, hits = self.train_step(images, labels)
-            n = labels.numel()
-            loss_sum += loss * n
-            correct += hits
-            seen += n
-            elapsed = time.perf_counter() - start
-            reporter.step(loss, correct / seen, seen / max(elapsed, 1e-9))
+            if batch.labels.numel():
+                images, labels = _to_device(batch, self.device)
+                loss, hits = self.train_step(images, labels)
+                progress.loss_sum += loss * labels.numel()
+                progress.correct += hits
+                progress.seen += labels.numel()
+                elapsed = seconds_before + time.perf_counter() - start
+                reporter.step(loss, progress.correct / progress.seen, progress.seen / max(elapsed, 1e-9))
+            progress.step += 1
+            progress.seconds = seconds_before + time.perf_counter() - start
+            if should_stop():
+                return False
             mark = time.perf_counter()
-        seconds = time.perf_counter() - start
-        return loss_sum / max(seen, 1), correct / max(seen, 1), seconds, int(seen), wait / max(seconds, 1e-9)
+        progress.seconds = seconds_before + time.perf_counter() - start
+        return True
 
     def end_epoch(self, stats: EpochStats) -> None:
         self.summary.epochs.append(stats)
         self.epoch = stats.epoch
+        self.progress = EpochProgress()
         score = stats.val_acc
         best = self.summary.best_val_acc
         if score is None or best is None or score >= best:
@@ -207,22 +264,105 @@ class Trainer:
             self.summary.best_epoch = stats.epoch
             self.best_state = _snapshot(self.method)
 
+    def _start_epoch(self, epoch: int, loader: Iterable[Batch]) -> None:
+        """Fresh epochs reseed from (seed, epoch); a resumed one keeps the RNG state its checkpoint restored."""
+        if self.progress.step == 0:
+            epoch_seed = derive_seed("train", self.cfg.seed, epoch)
+            random.seed(epoch_seed)
+            torch.manual_seed(epoch_seed)
+        sampler = getattr(loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch, self.progress.step * loader.batch_size)
+
     def fit(self, train_loader: Iterable[Batch], val_loader: Iterable[Batch] | None, reporter: Reporter | None = None,
-            on_epoch_end: Callable[["Trainer"], None] | None = None) -> TrainSummary:
+            checkpoint: Callable[["Trainer"], None] | None = None,
+            should_stop: Callable[[], bool] = _never) -> TrainSummary:
+        """Run the epochs left. `checkpoint(self)` is called after every epoch and before stopping early;
+        `should_stop()` is polled after every step and raises `TrainingStopped` (after the checkpoint) when true."""
         reporter = reporter or SilentReporter()
         started = time.perf_counter()
-        steps = len(train_loader) if hasattr(train_loader, "__len__") else 0
         for epoch in range(self.epoch + 1, self.cfg.epochs + 1):
-            reporter.epoch_start(epoch, self.cfg.epochs, steps)
-            loss, acc, seconds, seen, wait_fraction = self.run_epoch(train_loader, reporter)
+            self._start_epoch(epoch, train_loader)
+            reporter.epoch_start(epoch, self.cfg.epochs, len(train_loader) if hasattr(train_loader, "__len__") else 0)
+            finished = self.run_epoch(train_loader, reporter, should_stop)
+            if not finished:
+                self.summary.seconds += time.perf_counter() - started
+                if checkpoint is not None:
+                    checkpoint(self)
+                raise TrainingStopped(epoch, self.progress.step)
             val_acc = accuracy(self.method, val_loader, self.device, self.cfg.amp_dtype) if val_loader is not None else None
-            stats = EpochStats(epoch, loss, acc, val_acc, seconds, seen / max(seconds, 1e-9), wait_fraction)
+            p = self.progress
+            stats = EpochStats(epoch, p.loss_sum / max(p.seen, 1), p.correct / max(p.seen, 1), val_acc, p.seconds,
+                               p.seen / max(p.seconds, 1e-9), p.wait / max(p.seconds, 1e-9))
             self.end_epoch(stats)
             reporter.epoch_end(stats)
-            if on_epoch_end is not None:
-                on_epoch_end(self)
+            if checkpoint is not None:
+                checkpoint(self)
+            if should_stop() and epoch < self.cfg.epochs:
+                self.summary.seconds += time.perf_counter() - started
+                raise TrainingStopped(epoch + 1, 0)
         if self.best_state is not None:
             self.method.load_learned_state(self.best_state)
         self.summary.seconds += time.perf_counter() - started
         self.method.eval()
         return self.summary
+
+    # ----- checkpoint state ------------------------------------------------------------------------------------------
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Everything needed to continue exactly where this run is: (tensors, JSON-serialisable rest)."""
+        tensors = {f"param.{name}": _cpu(p) for name, p in trainable_parameters(self.method).items()}
+        for name, value in (self.best_state or {}).items():
+            tensors[f"best.{name}"] = _cpu(value)
+        optimizer = self.optimizer.state_dict()
+        scalars: dict[str, dict[str, Any]] = {}
+        for index, entries in optimizer["state"].items():
+            for key, value in entries.items():
+                if torch.is_tensor(value):
+                    tensors[f"optimizer.{index}.{key}"] = _cpu(value)
+                else:
+                    scalars.setdefault(str(index), {})[key] = value
+        tensors["rng.torch"] = torch.get_rng_state()
+        if torch.cuda.is_available() and self.device.type == "cuda":
+            for index, rng in enumerate(torch.cuda.get_rng_state_all()):
+                tensors[f"rng.cuda.{index}"] = rng
+        schedule = {k: v for k, v in self.schedule.state_dict().items() if k != "lr_lambdas"}
+        meta = {
+            "epoch": self.epoch,
+            "progress": dataclasses.asdict(self.progress),
+            "summary": self.summary.state(),
+            "has_best": self.best_state is not None,
+            "optimizer": {"param_groups": optimizer["param_groups"], "scalars": scalars},
+            "schedule": schedule,
+            "scaler": self.scaler.state_dict(),
+            "python_rng": random.getstate(),
+        }
+        return tensors, meta
+
+    def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Load what `state` returned (from a checkpoint of the same run) into this freshly built trainer."""
+        params = trainable_parameters(self.method)
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(tensors[f"param.{name}"])
+        if meta["has_best"]:
+            self.best_state = {name: tensors[f"best.{name}"].to(self.device) for name in self.method.learned_state()}
+        optimizer_state: dict[int, dict[str, Any]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                _, index, name = key.split(".", 2)
+                optimizer_state.setdefault(int(index), {})[name] = value
+        for index, entries in meta["optimizer"]["scalars"].items():
+            optimizer_state.setdefault(int(index), {}).update(entries)
+        self.optimizer.load_state_dict({"state": optimizer_state, "param_groups": meta["optimizer"]["param_groups"]})
+        self.schedule.load_state_dict({**meta["schedule"], "lr_lambdas": [None] * len(self.optimizer.param_groups)})
+        if meta["scaler"]:
+            self.scaler.load_state_dict(meta["scaler"])
+        self.epoch = int(meta["epoch"])
+        self.progress = EpochProgress(**meta["progress"])
+        self.summary = TrainSummary.from_state(meta["summary"])
+        version, internal, gauss = meta["python_rng"]
+        random.setstate((version, tuple(internal), gauss))
+        torch.set_rng_state(tensors["rng.torch"])
+        cuda_states = [tensors[f"rng.cuda.{i}"] for i in range(len(tensors)) if f"rng.cuda.{i}" in tensors]
+        if cuda_states and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all(cuda_states)
