@@ -65,7 +65,8 @@ def _check_positive(name: str, value: float | int | None, minimum: float = 1, ma
     if isinstance(value, float) and not math.isfinite(value):
         raise PromptuneError(f"{name} must be a finite number, got {value}.")
     if value < minimum or (maximum is not None and value > maximum):
-        bound = f"between {_number(minimum)} and {_number(maximum)}" if maximum is not None else f"at least {_number(minimum)}"
+        low = _number(minimum)
+        bound = f"between {low} and {_number(maximum)}" if maximum is not None else f"at least {low}"
         raise PromptuneError(f"{name} must be {bound}, got {_number(value)}.")
 
 
@@ -358,7 +359,8 @@ class TunedModel:
             k = min(top_k, len(names))
             self.method.eval()
             for batch in self._loader(items, batch_size, workers):
-                problems += [f"{items[i].path}: unreadable image ({unreadable_reason(items[i].path)})." for i in batch.failed]
+                for i in batch.failed:
+                    problems.append(f"{items[i].path}: unreadable image ({unreadable_reason(items[i].path)}).")
                 if batch.labels.numel() == 0:
                     continue
                 probs = self.logits(batch.images).softmax(dim=-1)
@@ -393,7 +395,8 @@ class TunedModel:
         report = EvalReport(
             class_names=names, n_images=int(labels.numel()), top1=topk_accuracy(logits, labels, 1),
             top5=topk_accuracy(logits, labels, 5), per_class=per_class_accuracy(confusion, names),
-            confusion=confusion.tolist(), skipped=skipped, skip_reasons={p: unreadable_reason(Path(p)) for p in skipped},
+            confusion=confusion.tolist(), skipped=skipped,
+            skip_reasons={path: unreadable_reason(Path(path)) for path in skipped},
             misclassified=[{"path": str(data.items[i].path), "true": names[int(t)], "predicted": names[int(p)]}
                            for i, t, p in zip(all_index, labels, predicted) if t != p],
         )

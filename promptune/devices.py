@@ -35,7 +35,8 @@ def resolve_device(name: str = "auto") -> torch.device:
     try:
         return torch.device(name)
     except (RuntimeError, ValueError):  # e.g. "cpu:abc" or "cuda:x:y": the base is known, the index is not
-        raise DeviceError(f"Unknown device '{name}'; choose one of: {', '.join(DEVICE_CHOICES)} (cuda:N for one GPU).") from None
+        choices = ", ".join(DEVICE_CHOICES)
+        raise DeviceError(f"Unknown device '{name}'; choose one of: {choices} (cuda:N for one GPU).") from None
 
 
 def resolve_precision(device: torch.device, precision: str = "auto") -> torch.dtype:
