@@ -38,6 +38,7 @@ from promptune.data import (
     load_training_data,
     make_loader,
     prompt_name,
+    unreadable_reason,
 )
 from promptune.devices import autocast, configure_backend, resolve_device, resolve_precision
 from promptune.errors import BackboneError, DataError, MethodError, PromptFileError, PromptuneError
@@ -85,8 +86,26 @@ def _check_positive(name: str, value: float | int | None, minimum: float = 1, ma
     if isinstance(value, float) and not math.isfinite(value):
         raise PromptuneError(f"{name} must be a finite number, got {value}.")
     if value < minimum or (maximum is not None and value > maximum):
-        bound = f"between {minimum:g} and {maximum:g}" if maximum is not None else f"at least {minimum:g}"
-        raise PromptuneError(f"{name} must be {bound}, got {value:g}.")
+        low = _number(minimum)
+        bound = f"between {low} and {_number(maximum)}" if maximum is not None else f"at least {low}"
+        raise PromptuneError(f"{name} must be {bound}, got {_number(value)}.")
+
+
+def _number(value: float | int) -> str:
+    """Whole numbers in full (a seed of 2**64 must not read as 1.84467e+19), others short."""
+    if isinstance(value, int) and abs(value) < 10**24:
+        return str(value)
+    return f"{value:g}"
+
+
+MAX_BATCH_SIZE = 65_536
+MAX_WORKERS = 256
+
+
+def check_loader_options(batch_size: int | None, workers: int | None) -> None:
+    """The --batch-size and --workers every command shares; checked before anything is loaded."""
+    _check_positive("--batch-size", batch_size, 1, MAX_BATCH_SIZE)
+    _check_positive("--workers", workers, 0, MAX_WORKERS)
 
 
 def _check_output(out: Path) -> None:
@@ -210,7 +229,7 @@ def tune(
     _check_positive("--lr", lr, 1e-12, 100.0)
     _check_positive("--weight-decay", weight_decay, 0.0, 100.0)
     _check_positive("--workers", workers, 0, 256)
-    _check_positive("--seed", seed, 0)
+    _check_positive("--seed", seed, 0, 2**64 - 1)  # torch seeds are unsigned 64-bit
     out = Path(out)
     _check_output(out)
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else default_checkpoint_dir(out)
@@ -231,6 +250,8 @@ def tune(
         data = load_training_data(Path(data_dir), shots=shots or cls.defaults.shots, seed=seed, base_classes=base_classes)
         for skipped in data.skipped:
             log(f"warning: skipped {skipped.path} ({skipped.reason})")
+        for warning in data.warnings:
+            log(f"warning: {warning}")
         log(f"loading backbone {backbone or '(default)'} ...")
         bb = load_backbone(backbone, weights, family=family)
         seed_everything(seed)
@@ -338,6 +359,7 @@ class EvalReport:
     base_new: BaseNew | None = None
     zero_shot_base_new: BaseNew | None = None
     skipped: list[str] = field(default_factory=list)
+    skip_reasons: dict[str, str] = field(default_factory=dict)  # skipped path -> why it could not be decoded
     misclassified: list[dict[str, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -357,6 +379,12 @@ class EvalReport:
             result.update(zero_shot_base_top1=zs.base, zero_shot_new_top1=zs.new, zero_shot_hm=zs.hm)
         result["skipped"] = self.skipped
         return result
+
+
+def check_predict_options(top_k: int, batch_size: int, workers: int | None) -> None:
+    if top_k < 1:
+        raise PromptuneError(f"--top-k must be at least 1, got {top_k}.")
+    check_loader_options(batch_size, workers)
 
 
 def _check_backbone_matches(stored: dict[str, Any], loaded: Backbone) -> None:
@@ -434,18 +462,18 @@ class TunedModel:
     def predict(self, paths: Sequence[str], top_k: int = 5, classes: Sequence[str] | None = None, batch_size: int = 32,
                 workers: int | None = None) -> tuple[list[Prediction], list[str]]:
         """Top-k predictions for images, folders or globs; returns (predictions, problems)."""
-        if top_k < 1:
-            raise PromptuneError(f"--top-k must be at least 1, got {top_k}.")
+        check_predict_options(top_k, batch_size, workers)
         names = self.set_classes(classes)
         found, missing = images_in(paths)
-        problems = [f"{m}: no such file or image" for m in missing]
+        problems = [f"{m}: no such file or image." for m in missing]
         items = [ImageItem(path, 0) for path in found]
         predictions: list[Prediction] = []
         if items:
             k = min(top_k, len(names))
             self.method.eval()
             for batch in self._loader(items, batch_size, workers):
-                problems += [f"{items[i].path}: unreadable image" for i in batch.failed]
+                for i in batch.failed:
+                    problems.append(f"{items[i].path}: unreadable image ({unreadable_reason(items[i].path)}).")
                 if batch.labels.numel() == 0:
                     continue
                 probs = self.logits(batch.images).softmax(dim=-1)
@@ -456,6 +484,7 @@ class TunedModel:
         return predictions, problems
 
     def evaluate(self, data_dir: str | Path, batch_size: int = 64, zero_shot: bool = True, workers: int | None = None) -> EvalReport:
+        check_loader_options(batch_size, workers)
         data: EvalData = load_eval_data(Path(data_dir))
         names, labels_map = self._eval_classes(data.class_names)
         self.method.eval()
@@ -480,6 +509,7 @@ class TunedModel:
             class_names=names, n_images=int(labels.numel()), top1=topk_accuracy(logits, labels, 1),
             top5=topk_accuracy(logits, labels, 5), per_class=per_class_accuracy(confusion, names),
             confusion=confusion.tolist(), skipped=skipped,
+            skip_reasons={path: unreadable_reason(Path(path)) for path in skipped},
             misclassified=[{"path": str(data.items[i].path), "true": names[int(t)], "predicted": names[int(p)]}
                            for i, t, p in zip(all_index, labels, predicted) if t != p],
         )

@@ -237,12 +237,15 @@ def evaluate(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No header line.")] = False,
 ) -> None:
     """Accuracy of a prompt file on a labelled folder: top-1, top-5, per class, and zero-shot CLIP for comparison."""
+    from promptune.api import check_loader_options
+
+    _guarded(lambda: check_loader_options(batch_size, workers))
     model = _load(prompts, backbone, weights, device, precision)
     if not quiet:
         _warn(model.describe())
     report = _guarded(lambda: model.evaluate(data_dir, batch_size=batch_size, zero_shot=zero_shot, workers=workers))
     for path in report.skipped:
-        _warn(f"warning: skipped unreadable image {path}")
+        _warn(f"warning: skipped unreadable image {path} ({report.skip_reasons.get(path, 'unreadable')})")
     if report_dir is not None:
         from promptune.report import write_report
 
@@ -276,7 +279,10 @@ def _read_classes(classes: Optional[str], classes_file: Optional[Path]) -> Optio
             lines = classes_file.read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as error:
             raise PromptuneError(f"Cannot read --classes-file '{classes_file}': {getattr(error, 'strerror', None) or error}.") from None
-        return [line.strip() for line in lines if line.strip()]
+        names = [line.strip() for line in lines if line.strip()]
+        if not names:  # an empty list would silently mean "the trained classes"
+            raise PromptuneError(f"--classes-file '{classes_file}' has no class names; give one name per line.")
+        return names
     if classes is not None:
         return [name.strip() for name in classes.split(",") if name.strip()] or [""]
     return None
@@ -300,13 +306,16 @@ def predict(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No header line.")] = False,
 ) -> None:
     """Top-k classes for each image. CLIP prompt files also accept class names never trained (--classes)."""
+    from promptune.api import check_predict_options
+
+    if json_output and csv_output:
+        raise _fail("give either --json or --csv, not both.")
+    _guarded(lambda: check_predict_options(top_k, batch_size, workers))
     names = _guarded(lambda: _read_classes(classes, classes_file))
     model = _load(prompts, backbone, weights, device, precision)
     if not quiet:
         _warn(model.describe())
     predictions, problems = _guarded(lambda: model.predict(paths, top_k=top_k, classes=names, batch_size=batch_size, workers=workers))
-    if json_output and csv_output:
-        raise _fail("give either --json or --csv, not both.")
     if csv_output:
         import csv
 

@@ -7,11 +7,13 @@ they are decoded, skipped and reported; at evaluation time the loader drops them
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import math
 import os
 import random
+import re
 import signal
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -182,7 +184,10 @@ def _bomb_reason(width: int, height: int, limit: int) -> str:
 
 def _reason(error: Exception) -> str:
     if isinstance(error, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
-        return "too many pixels (decompression-bomb guard)"
+        # Pillow refuses on open, from the header alone: "Image size (N pixels) exceeds limit of ... pixels, ..."
+        found = re.search(r"\((\d+) pixels\)", str(error))
+        size = f"{found.group(1)} pixels" if found else "the image size"
+        return f"{size} is over the decompression-bomb limit of {Image.MAX_IMAGE_PIXELS} pixels"
     if isinstance(error, FileNotFoundError):
         return "file not found"
     if isinstance(error, PermissionError):
@@ -285,6 +290,13 @@ def _images_under(folder: Path) -> list[Path]:
 
 def _check_is_folder(root: Path, what: str) -> None:
     if not root.exists():
+        if root.is_symlink():
+            try:
+                os.stat(root)
+            except OSError as error:
+                if error.errno == errno.ELOOP:
+                    raise DataError(f"{what} {root} is a symbolic link that loops back on itself.") from None
+            raise DataError(f"{what} {root} is a symbolic link to something that does not exist.")
         raise DataError(f"{what} {root} does not exist.")
     if not root.is_dir():
         raise DataError(f"{what} {root} is a file, not a folder of class sub-folders.")
@@ -336,6 +348,11 @@ def scan_classes(root: Path) -> dict[str, list[Path]]:
 def _check_distinct_prompt_names(folder_names: Sequence[str]) -> None:
     owner_of: dict[str, str] = {}
     for name in folder_names:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable bytes in the folder name arrive as lone surrogates
+            shown = os.fsencode(name).decode("utf-8", "backslashreplace")
+            raise DataError(f"class folder '{shown}' has a name that is not valid UTF-8; rename it.") from None
         prompt = prompt_name(name)
         if not prompt:
             raise DataError(f"class folder '{name}' has no usable class name; rename it to include letters or digits.")
@@ -380,6 +397,7 @@ class TrainingData:
     val: list[ImageItem]
     skipped: list[SkippedFile]
     layout: str
+    warnings: list[str] = field(default_factory=list)  # e.g. classes with fewer readable images than --shots
 
 
 @dataclass
@@ -419,18 +437,24 @@ def load_training_data(
     train: list[ImageItem] = []
     val: list[ImageItem] = []
     skipped: list[SkippedFile] = []
+    notes: list[str] = []
     for label, name in enumerate(class_names):
         rng = random.Random(f"{seed}:{name}")  # per-class seed: adding a class leaves the others' picks alone
         pick = _pick_class(all_classes[name], rng, shots, val_fraction, with_val=val_images is None)
         if not pick.train:
             raise DataError(f"class '{name}' has no readable images ({len(pick.skipped)} skipped).")
+        if shots is not None and len(pick.train) < shots:
+            notes.append(
+                f"class '{name}' has {len(pick.train)} readable images, fewer than --shots {shots}; "
+                f"training on all {len(pick.train)}."
+            )
         if val_images is not None:
             readable, unreadable = _readable(val_images[name])
             pick.val, pick.skipped = readable, pick.skipped + unreadable
         skipped.extend(pick.skipped)
         train.extend(ImageItem(path, label) for path in sorted(pick.train))
         val.extend(ImageItem(path, label) for path in sorted(pick.val))
-    return TrainingData(class_names, train, val, skipped, _layout_name(layout))
+    return TrainingData(class_names, train, val, skipped, _layout_name(layout), notes)
 
 
 def _keep_base_classes(names: list[str], base_classes: int | float | None, root: Path) -> list[str]:
@@ -471,6 +495,12 @@ def _readable(paths: Sequence[Path]) -> tuple[list[Path], list[SkippedFile]]:
         else:
             unreadable.append(skip)
     return readable, unreadable
+
+
+def unreadable_reason(path: Path) -> str:
+    """Why ``path`` could not be decoded (it is decoded again: only call this for files that failed)."""
+    skip = _verify(Path(path))
+    return skip.reason if skip is not None else "it could not be decoded"
 
 
 def _verify(path: Path) -> SkippedFile | None:

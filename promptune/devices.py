@@ -32,7 +32,11 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise DeviceError("--device cuda was asked for but no CUDA GPU is available on this machine (try --device auto).")
     if base == "mps" and not _mps_available():
         raise DeviceError("--device mps was asked for but Apple MPS is not available on this machine (try --device auto).")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except (RuntimeError, ValueError):  # e.g. "cpu:abc" or "cuda:x:y": the base is known, the index is not
+        choices = ", ".join(DEVICE_CHOICES)
+        raise DeviceError(f"Unknown device '{name}'; choose one of: {choices} (cuda:N for one GPU).") from None
 
 
 def resolve_precision(device: torch.device, precision: str = "auto") -> torch.dtype:

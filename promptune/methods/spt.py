@@ -31,6 +31,7 @@ from promptune.methods.base import PromptMethod, TrainDefaults
 DEPTHS = ("deep", "shallow")
 SPT_INITS = ("random", "mean", "max", "kmeans")
 DEFAULT_PROMPTS = {"deep": 20, "shallow": 100}  # the authors' README defaults
+MAX_PROMPTS = 1024  # prompt tokens per layer; attention cost grows with the square of the token count
 
 
 @dataclasses.dataclass
@@ -258,8 +259,10 @@ class SPT(PromptMethod):
         if config.depth not in DEPTHS:
             raise error(f"Method '{cls.name}' depth must be 'deep' or 'shallow', not {config.depth!r}.")
         count = config.prompts_per_layer
-        if count is not None and (not whole(count) or count < 0):
-            raise error(f"Method '{cls.name}' prompts_per_layer must be a whole number >= 0, not {count!r}.")
+        if count is not None and (not whole(count) or not 0 <= count <= MAX_PROMPTS):
+            raise error(
+                f"Method '{cls.name}' prompts_per_layer must be a whole number from 0 to {MAX_PROMPTS}, not {count!r}."
+            )
         if config.init not in cls.init_choices:
             raise error(f"Method '{cls.name}' init must be one of {', '.join(cls.init_choices)}, not {config.init!r}.")
         for field in ("head_weight_decay", "prompt_weight_decay"):
