@@ -99,3 +99,71 @@ def shape_folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def shape_test_folder(tmp_path_factory) -> Path:
     return make_shape_folder(tmp_path_factory.mktemp("shapes_test") / "test", per_class=10, seed=2)
+
+
+# ------------------------------------------------------------------------------------------ gradient checkpointing
+
+
+def loss_and_grads(method, images: torch.Tensor, labels: torch.Tensor, checkpointing: bool):
+    """A training-mode loss and every learned parameter's gradient (None if it got none), checkpointing on or off."""
+    method.set_grad_checkpointing(checkpointing)
+    method.train()
+    method.zero_grad(set_to_none=True)
+    loss, _ = method.training_loss(images, labels)
+    loss.backward()
+    grads = {
+        name: None if p.grad is None else p.grad.detach().clone()
+        for name, p in method.named_parameters()
+        if p.requires_grad
+    }
+    method.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+def assert_checkpointing_is_exact(method, backbone_model, images, labels, calls: list, blocks: int) -> None:
+    """Checkpointing on vs off: same loss and learned gradients, `blocks` checkpointed segments per training forward,
+    no gradient on the frozen backbone, and eval-mode / no-grad forwards untouched (no segment checkpointed)."""
+    loss_off, grads_off = loss_and_grads(method, images, labels, checkpointing=False)
+    assert not calls
+    loss_on, grads_on = loss_and_grads(method, images, labels, checkpointing=True)
+    assert len(calls) == blocks
+    torch.testing.assert_close(loss_on, loss_off, atol=1e-6, rtol=0)
+    assert grads_on.keys() == grads_off.keys() and grads_on
+    for name, grad in grads_off.items():
+        assert grad is not None and grads_on[name] is not None, f"{name} got no gradient"
+        assert grad.abs().sum() > 0, f"{name} got a zero gradient"
+        torch.testing.assert_close(grads_on[name], grad, atol=1e-6, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+    assert all(not p.requires_grad and p.grad is None for p in backbone_model.parameters())
+    assert not backbone_model.training
+
+    calls.clear()
+    method.train()
+    with torch.no_grad():  # training mode without autograd (e.g. a method's `prepare` pass): nothing to save
+        method.training_loss(images, labels)
+    method.eval()
+    with torch.no_grad():
+        logits_on = method(images)
+    logits_grad_on = method(images).detach()  # eval mode with autograd on: still not checkpointed
+    assert not calls
+    method.set_grad_checkpointing(False)
+    with torch.no_grad():
+        logits_off = method(images)
+    logits_grad_off = method(images).detach()
+    assert torch.equal(logits_on, logits_off) and torch.equal(logits_grad_on, logits_grad_off)
+
+
+@pytest.fixture()
+def checkpoint_calls(monkeypatch) -> list:
+    """Records every torch.utils.checkpoint.checkpoint call (and checks it is non-reentrant), passing it through."""
+    import torch.utils.checkpoint
+
+    calls: list = []
+    original = torch.utils.checkpoint.checkpoint
+
+    def spy(function, *args, **kwargs):
+        assert kwargs.get("use_reentrant") is False
+        calls.append(function)
+        return original(function, *args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", spy)
+    return calls

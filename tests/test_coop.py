@@ -15,6 +15,7 @@ from promptune.errors import MethodError
 from promptune.methods.coop import CoOp, CoOpConfig
 from promptune.methods.zeroshot import ZeroShotCLIP
 from promptune.train import TrainConfig, Trainer
+from conftest import assert_checkpointing_is_exact
 
 PHRASE = "a photo of a"
 
@@ -217,3 +218,14 @@ def test_eval_mode_logits_have_no_grad(model, shape_test_folder):
     logits = model.logits(test_images(model, shape_test_folder)[:3])
     assert not logits.requires_grad
     assert torch.allclose(F.softmax(logits, -1).sum(-1), torch.ones(3))
+
+
+def test_grad_checkpointing_gives_the_same_loss_and_gradients(backbone, class_names, checkpoint_calls):
+    """The text tower's blocks are checkpointed; the context still gets the same gradient, the tower none."""
+    torch.manual_seed(0)
+    model = CoOp(backbone, class_names, CoOpConfig(n_ctx=4))
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(6, 3, backbone.preprocess.size, backbone.preprocess.size, generator=generator)
+    labels = torch.arange(6) % len(class_names)
+    blocks = len(backbone.model.transformer.resblocks)
+    assert_checkpointing_is_exact(model, backbone.model, images, labels, checkpoint_calls, blocks)

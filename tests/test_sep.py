@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms
 
-from conftest import TINY_CLIP_CONFIG, make_clip_files
+from conftest import TINY_CLIP_CONFIG, assert_checkpointing_is_exact, make_clip_files
 from promptune.artifact import PromptFile, load_prompt_file, save_prompt_file
 from promptune.backbones import load_backbone
 from promptune.data import prompt_name
@@ -355,3 +355,17 @@ def test_training_beats_chance_and_the_untrained_start(backbone, train_set, test
     final = accuracy(sep, test_images, test_labels)
     assert final > 1 / len(names) + 0.2, (start, final)
     assert final > start, (start, final)
+
+
+# ------------------------------------------------------------------------------------------- gradient checkpointing
+
+
+def test_grad_checkpointing_gives_the_same_loss_and_gradients(backbone, train_set, checkpoint_calls):
+    """Both towers' blocks are checkpointed with their Token Fusion Modules inside; every learned tensor (ctx, ctx_v,
+    every fusion parameter, the prototypes) still gets the same gradient."""
+    names, images, labels = train_set
+    sep = make_sep(backbone, names)
+    sep.prepare(batches(images, labels, 12), torch.device("cpu"), seed=0)
+    randomize_learned(sep, seed=1)
+    blocks = len(backbone.model.visual.transformer.resblocks) + len(backbone.model.transformer.resblocks)
+    assert_checkpointing_is_exact(sep, backbone.model, images[::4], labels[::4], checkpoint_calls, blocks)

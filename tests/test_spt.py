@@ -17,7 +17,7 @@ from promptune.data import Batch, ImageDataset, ImageItem, Preprocess, build_tra
 from promptune.errors import MethodError, PromptFileError
 from promptune.methods import get_method
 from promptune.methods.spt import SPT, VPT, TokenReservoir, pool_windows
-from conftest import make_shape_folder, make_vit_file
+from conftest import assert_checkpointing_is_exact, loss_and_grads, make_shape_folder, make_vit_file
 
 CLASSES = ["a", "b", "c"]
 PREPROCESS = Preprocess(size=48, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
@@ -444,3 +444,25 @@ def test_short_spt_training_beats_chance_on_held_out_images(vit, tmp_path):
     with torch.no_grad():
         accuracy = float((method(test_images).argmax(1) == test_labels).float().mean())
     assert accuracy > 0.5, accuracy
+
+
+# ------------------------------------------------------------------------------------------- gradient checkpointing
+
+
+@pytest.mark.parametrize("cls, depth", [(SPT, "deep"), (SPT, "shallow"), (VPT, "deep")])
+def test_grad_checkpointing_gives_the_same_loss_and_gradients(vit, checkpoint_calls, cls, depth):
+    method = spt(vit, cls=cls, depth=depth, prompts_per_layer=3)
+    assert not method.grad_checkpointing
+    batch = image_batches(count=1)[0]
+    assert_checkpointing_is_exact(method, vit.model, batch.images, batch.labels, checkpoint_calls, len(vit.model.blocks))
+
+
+def test_grad_checkpointing_skips_a_linear_probe(vit, checkpoint_calls):
+    """With no prompts nothing inside the blocks learns, so there is nothing to checkpoint."""
+    method = spt(vit, prompts_per_layer=0)
+    batch = image_batches(count=1)[0]
+    loss_off, grads_off = loss_and_grads(method, batch.images, batch.labels, checkpointing=False)
+    loss_on, grads_on = loss_and_grads(method, batch.images, batch.labels, checkpointing=True)
+    assert not checkpoint_calls and torch.equal(loss_on, loss_off)
+    assert grads_off["head.weight"] is not None and grads_off["prompts"] is None  # the empty prompt tensor is unused
+    assert all(grads_on[k] is None if v is None else torch.equal(grads_on[k], v) for k, v in grads_off.items())

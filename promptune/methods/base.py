@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Iterable
+from typing import Any, Callable, ClassVar, Iterable
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from promptune.backbones import Backbone, Family
@@ -39,6 +40,7 @@ class PromptMethod(nn.Module):
     Config: ClassVar[type]
     defaults: ClassVar[TrainDefaults] = TrainDefaults()
     description: ClassVar[str] = ""
+    grad_checkpointing: bool = False  # recompute each block's activations in backward (see set_grad_checkpointing)
 
     def __init__(self, backbone: Backbone, class_names: list[str], config: Any) -> None:
         super().__init__()
@@ -93,6 +95,19 @@ class PromptMethod(nn.Module):
         no_decay = [p for p in self.parameters() if p.requires_grad and p.ndim < 2]
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        """Trade compute for memory while training: each frozen block (with the prompt replacement or token fusion that
+        feeds it) keeps only its input and runs its forward again during backward.
+
+        It applies only to training-mode forwards with autograd on; eval, `no_grad` and prediction are unaffected, and
+        the loss and gradients are the same as without it (up to floating-point summation order).
+        """
+        self.grad_checkpointing = bool(enabled)
+
+    def checkpointing_active(self) -> bool:
+        """Whether forwards run now should checkpoint their blocks: flag on, training mode and autograd recording."""
+        return self.grad_checkpointing and self.training and torch.is_grad_enabled()
+
     def train(self, mode: bool = True) -> "PromptMethod":
         """Learned modules follow `mode`; the frozen backbone always stays in eval mode."""
         super().train(mode)
@@ -137,6 +152,18 @@ class PromptMethod(nn.Module):
 
     def _load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         raise NotImplementedError
+
+
+def run_block(checkpointed: bool, segment: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
+    """`segment(*args)`, under non-reentrant activation checkpointing when `checkpointed`.
+
+    Non-reentrant checkpointing gives gradients to every parameter the segment uses, learned prompts and fusion
+    modules included, even though they are not passed as arguments; the frozen blocks' parameters still get none.
+    Only the tensor arguments are kept for the backward; the segment's inner activations are recomputed there.
+    """
+    if not checkpointed:
+        return segment(*args)
+    return torch.utils.checkpoint.checkpoint(segment, *args, use_reentrant=False)
 
 
 def named_learned_parameters(module: nn.Module) -> dict[str, torch.Tensor]:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from promptune.errors import MethodError
+from promptune.methods.base import run_block
 
 LayerHook = Callable[[int, torch.Tensor], torch.Tensor]  # (block index, x (N, L, D)) -> x, called before the block
 
@@ -30,7 +31,13 @@ def text_tower(model: nn.Module) -> nn.Module:
 
 
 class ClipTextRunner(nn.Module):
-    """Frozen text tower with a per-layer hook seam and exact length trimming."""
+    """Frozen text tower with a per-layer hook seam and exact length trimming.
+
+    With `grad_checkpointing` set (the owning method's `set_grad_checkpointing` sets it), a training-mode forward with
+    autograd on checkpoints each block together with the hook that runs before it.
+    """
+
+    grad_checkpointing: bool = False
 
     def __init__(self, model: nn.Module, tokenizer: Callable[..., torch.Tensor]) -> None:
         super().__init__()
@@ -71,13 +78,17 @@ class ClipTextRunner(nn.Module):
         mask = self.causal_mask(length)
         transformer = self.tower.transformer
         batch_first = getattr(transformer, "batch_first", True)
-        for index, block in enumerate(transformer.resblocks):
+        checkpointed = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+
+        def segment(x: torch.Tensor, index: int, block: nn.Module) -> torch.Tensor:
             if hook is not None:
                 x = hook(index, x)
             if batch_first:
-                x = block(x, attn_mask=mask)
-            else:
-                x = block(x.transpose(0, 1), attn_mask=mask).transpose(0, 1)
+                return block(x, attn_mask=mask)
+            return block(x.transpose(0, 1), attn_mask=mask).transpose(0, 1)
+
+        for index, block in enumerate(transformer.resblocks):
+            x = run_block(checkpointed, segment, x, index, block)
         x = self.tower.ln_final(x)
         pooled = x[torch.arange(x.shape[0], device=x.device), self.eot_positions(tokens)]
         projection = self.tower.text_projection

@@ -59,6 +59,11 @@ class ClipPromptMethod(PromptMethod):
         self.prompts = ClassPrompts(self.text, self.class_names, self.n_ctx).to(device)
         self._text_cache = None
 
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        """Also checkpoints the text tower's blocks (run by `self.text`, which is not a PromptMethod)."""
+        super().set_grad_checkpointing(enabled)
+        self.text.grad_checkpointing = self.grad_checkpointing
+
     def train(self, mode: bool = True) -> "ClipPromptMethod":
         self._text_cache = None
         return super().train(mode)

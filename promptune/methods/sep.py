@@ -27,7 +27,7 @@ from torch import nn
 from promptune.backbones import Backbone
 from promptune.data import prompt_name
 from promptune.errors import MethodError
-from promptune.methods.base import TrainDefaults
+from promptune.methods.base import TrainDefaults, run_block
 from promptune.methods.coop import ClipPromptMethod
 
 
@@ -269,15 +269,19 @@ class SEP(ClipPromptMethod):
         x = visual.ln_pre(x)
         transformer = visual.transformer
         batch_first = getattr(transformer, "batch_first", True)
-        for index, block in enumerate(transformer.resblocks):
+        checkpointed = bool(n) and self.checkpointing_active()
+
+        def segment(x: torch.Tensor, index: int, block: nn.Module) -> torch.Tensor:
             slot = self._visual_slot.get(index) if n else None
             if slot is not None:
                 reps = select_tokens(x[:, :-n], n)
                 x = torch.cat([x[:, :-n], self.visual_fusion[slot](x[:, -n:], reps)], dim=1)
             if batch_first:
-                x = block(x, attn_mask=None)
-            else:
-                x = block(x.transpose(0, 1), attn_mask=None).transpose(0, 1)
+                return block(x, attn_mask=None)
+            return block(x.transpose(0, 1), attn_mask=None).transpose(0, 1)
+
+        for index, block in enumerate(transformer.resblocks):
+            x = run_block(checkpointed, segment, x, index, block)
         if n:
             x = x[:, :-n]
         pooled, _ = visual._pool(x)

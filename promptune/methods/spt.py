@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Subset
 
 from promptune.backbones import Backbone
 from promptune.errors import MethodError
-from promptune.methods.base import PromptMethod, TrainDefaults
+from promptune.methods.base import PromptMethod, TrainDefaults, run_block
 
 DEPTHS = ("deep", "shallow")
 SPT_INITS = ("random", "mean", "max", "kmeans")
@@ -315,10 +315,15 @@ class SPT(PromptMethod):
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """All tokens after the final norm, prompts included at positions prefix..prefix+P."""
         x = self.embed(images)
-        for index, block in enumerate(self.vit.blocks):
+        checkpointed = self.num_prompts > 0 and self.checkpointing_active()  # no prompts: nothing in the blocks learns
+
+        def segment(x: torch.Tensor, index: int, block: nn.Module) -> torch.Tensor:
             if self.deep and index > 0:
                 x = self._with_prompts(x, index, replace=True)
-            x = block(x)
+            return block(x)
+
+        for index, block in enumerate(self.vit.blocks):
+            x = run_block(checkpointed, segment, x, index, block)
         return self.vit.norm(x)
 
     def pool(self, features: torch.Tensor) -> torch.Tensor:

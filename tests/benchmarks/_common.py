@@ -62,6 +62,41 @@ def class_names(count: int, seed: int = 0) -> list[str]:
     return names
 
 
+def make_jpeg_folder(root: Path, classes: int, per_class: int, size: tuple[int, int] = (320, 240), seed: int = 0,
+                     quality: int = 90) -> Path:
+    """`classes` sub-folders of `per_class` real JPEG files (width x height `size`), seeded, under `root`.
+
+    Each picture is a smooth colour gradient with a few filled shapes and per-pixel noise, so it decodes like a
+    photo-sized JPEG of real detail (a flat picture would decode unrealistically fast).
+    """
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    width, height = size
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    folders: list[str] = []
+    for name in class_names(4 * classes, seed=seed):  # distinct after "_", "-" and " " all read as a space
+        if len(folders) < classes and name.replace("-", " ").replace("_", " ") not in {f.replace("_", " ") for f in folders}:
+            folders.append(name.replace("-", "_").replace(" ", "_"))
+    for label, name in enumerate(folders):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for index in range(per_class):
+            corner = rng.uniform(0, 255, size=(2, 3)).astype(np.float32)
+            t = ((xs / width + ys / height) / 2)[..., None]
+            pixels = corner[0] * (1 - t) + corner[1] * t + rng.normal(0, 12, size=(height, width, 3))
+            image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
+            draw = ImageDraw.Draw(image)
+            for _ in range(3 + label % 4):
+                x, y = int(rng.integers(0, width)), int(rng.integers(0, height))
+                r = int(rng.integers(10, min(width, height) // 3))
+                colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
+                (draw.ellipse if (label + index) % 2 else draw.rectangle)([x - r, y - r, x + r, y + r], fill=colour)
+            image.save(folder / f"{index:04d}.jpg", quality=quality)
+    return root
+
+
 def family_of(name: str) -> str:
     import open_clip
 

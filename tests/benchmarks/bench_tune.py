@@ -10,6 +10,18 @@ The baselines use the same backbone and batch: the frozen forward alone (no grad
 backward to the input (input requires grad, sum of the output) - the least work any first-layer prompt method does.
 `--untrimmed` also times SEP/CoOp steps with the text tower forced onto all context positions (trimming off),
 alternating trimmed and untrimmed steps in one process so machine-load drift hits both alike.
+`--grad-checkpointing` also times steps with `set_grad_checkpointing(True)`, alternating with plain steps in the
+method's process (the step-time ratio), and runs the checkpointed steps alone in one more process (their peak memory).
+
+`--data-wait` measures the real input pipeline instead: it writes a folder of JPEG files (`--data-classes` x
+`--images-per-class`, `--image-size` px) to a temporary directory, wires it as `promptune.tune` does
+(`load_training_data`, `ImageDataset`, `build_transform`, `make_loader` with the default worker count unless
+`--workers`, pinned memory on CUDA, the method's `prepare`), runs `--epochs` epochs of `Trainer.fit` and reports each
+epoch's share of time spent waiting for the loader and its images/s. Epoch 1 includes starting the worker processes;
+the steady-state figures are the mean over the later epochs.
+
+    python tests/benchmarks/bench_tune.py --data-wait --method spt --method sep --batch 16 --epochs 3
+    python tests/benchmarks/bench_tune.py --grad-checkpointing --method spt --method sep --classes 10 --no-baselines
 """
 
 from __future__ import annotations
@@ -61,8 +73,84 @@ def _untrimmed():
     return patch()
 
 
+def data_wait(spec: dict[str, Any]) -> dict[str, Any]:
+    """`Trainer.fit` on a generated JPEG folder through the real loader; per-epoch data-wait fraction and images/s."""
+    import tempfile
+    import time
+
+    from promptune.data import ImageDataset, build_transform, default_workers, load_training_data, make_loader
+    from promptune.devices import autocast
+    from promptune.train import Trainer, TrainConfig, seed_everything
+
+    device, amp_dtype, threads = common.setup_device(spec["device"])
+    backbone = common.build_backbone(spec["backbone"])
+    width, height = spec["image_size"]
+    batch, seed = spec["batch"], 0
+    workers = spec.get("workers")
+    result: dict[str, Any] = {"case": "data_wait", "method": spec["method"], "backbone": spec["backbone"]}
+    with tempfile.TemporaryDirectory(prefix="promptune-bench-") as tmp:
+        root = Path(tmp) / "data"
+        started = time.perf_counter()
+        common.make_jpeg_folder(root, spec["data_classes"], spec["images_per_class"], (width, height), seed=seed)
+        result["generate_s"] = round(time.perf_counter() - started, 2)
+        # The wiring of promptune.api.tune: all images for training (no held-out split, so no validation pass).
+        data = load_training_data(root, shots=None, seed=seed, val_fraction=0.0)
+        cls, why = common.load_method_class(spec["method"])
+        if cls is None:
+            raise RuntimeError(why)
+        seed_everything(seed)
+        method = cls(backbone, data.class_names, cls.make_config({})).to(device)
+        method.set_grad_checkpointing(bool(spec.get("grad_checkpointing")))
+        defaults = cls.defaults
+        cfg = TrainConfig(epochs=spec["epochs"], lr=defaults.lr, weight_decay=defaults.weight_decay, batch_size=batch,
+                          warmup_epochs=defaults.warmup_epochs, warmup=defaults.warmup, warmup_lr=defaults.warmup_lr,
+                          optimizer=defaults.optimizer, eps=defaults.eps, seed=seed, amp_dtype=amp_dtype)
+        pin = device.type == "cuda"
+        train_set = ImageDataset(data.train, build_transform(backbone.preprocess, train=True))
+        train_loader = make_loader(train_set, batch, shuffle=True, seed=seed, workers=workers, pin_memory=pin)
+        prepare_loader = make_loader(ImageDataset(data.train, build_transform(backbone.preprocess, train=False)), batch,
+                                     shuffle=True, seed=seed, workers=workers, pin_memory=pin)
+        started = time.perf_counter()
+        with torch.no_grad(), autocast(device, amp_dtype):
+            method.prepare(prepare_loader, device, seed)
+        result["prepare_s"] = round(time.perf_counter() - started, 2)
+        trainer = Trainer(method, cfg, device, steps_per_epoch=len(train_loader))
+        summary = trainer.fit(train_loader, None)
+    epochs = [
+        {"epoch": e.epoch, "seconds": round(e.seconds, 2), "images_per_s": round(e.images_per_s, 2),
+         "data_wait_fraction": round(e.data_wait_fraction, 4), "train_loss": round(e.train_loss, 4)}
+        for e in summary.epochs
+    ]
+    steady = epochs[1:]
+    result.update({
+        "grad_checkpointing": method.grad_checkpointing,
+        "images": len(data.train),
+        "classes": len(data.class_names),
+        "batch": batch,
+        "steps_per_epoch": len(train_loader),
+        "workers": train_loader.num_workers,
+        "default_workers": default_workers(),
+        "persistent_workers": train_loader.persistent_workers,
+        "pin_memory": train_loader.pin_memory,
+        "skipped_images": summary.skipped_images,
+        "epochs": epochs,
+        "steady_state": None if not steady else {
+            "epochs": [e["epoch"] for e in steady],
+            "data_wait_fraction": round(sum(e["data_wait_fraction"] for e in steady) / len(steady), 4),
+            "images_per_s": round(sum(e["images_per_s"] for e in steady) / len(steady), 2),
+        },
+        "memory": {"kind": "peak RSS of an isolated process (ru_maxrss)", "peak_mb": common.peak_rss_mb()}
+        if device.type != "cuda" else {"kind": "cuda max_memory_allocated",
+                                       "peak_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1)},
+        "environment": common.environment(device, threads, amp_dtype),
+    })
+    return result
+
+
 def single(spec: dict[str, Any]) -> dict[str, Any]:
     """One case in this (fresh) process: build, warm up, time `steps` steps, report time and memory."""
+    if spec["case"] == "data_wait":
+        return data_wait(spec)
     device, amp_dtype, threads = common.setup_device(spec["device"])
     from promptune.devices import autocast
 
@@ -95,6 +183,8 @@ def single(spec: dict[str, Any]) -> dict[str, Any]:
 
         names = common.class_names(spec["classes"])
         method = common.build_method(spec["case"], backbone, names).to(device)
+        method.set_grad_checkpointing(bool(spec.get("grad_checkpointing")))
+        result["grad_checkpointing"] = method.grad_checkpointing
         method.train()
         config = TrainConfig(epochs=1, lr=1e-3, weight_decay=5e-4, batch_size=batch, warmup_epochs=0.0,
                              optimizer="adam", amp_dtype=amp_dtype)
@@ -113,9 +203,18 @@ def single(spec: dict[str, Any]) -> dict[str, Any]:
             with _untrimmed():
                 trainer.train_step(images, labels)
 
+        def step_checkpointed() -> None:
+            method.set_grad_checkpointing(True)
+            try:
+                trainer.train_step(images, labels)
+            finally:
+                method.set_grad_checkpointing(bool(spec.get("grad_checkpointing")))
+
         runs = {"step": step}
         if spec.get("untrimmed") and text is not None:
             runs["untrimmed_step"] = step_untrimmed
+        if spec.get("interleave_checkpointing"):
+            runs["grad_checkpointing_step"] = step_checkpointed
 
     memory = common.PeakMemory(device)
     for run in runs.values():
@@ -128,9 +227,12 @@ def single(spec: dict[str, Any]) -> dict[str, Any]:
     result.update({name: common.summary(values, batch) for name, values in times.items()})
     if "untrimmed_step" in times:
         result["trimmed_over_untrimmed"] = common.ratio(result["step"]["median_ms"], result["untrimmed_step"]["median_ms"])
+    if "grad_checkpointing_step" in times:
+        result["grad_checkpointing_over_plain"] = common.ratio(
+            result["grad_checkpointing_step"]["median_ms"], result["step"]["median_ms"])
     result["memory"] = memory.report()
     if len(runs) > 1:
-        result["memory"]["note"] = "peak over the trimmed and untrimmed steps together"
+        result["memory"]["note"] = f"peak over the {', '.join(runs)} runs together"
     result["environment"] = common.environment(device, threads, amp_dtype)
     return result
 
@@ -145,6 +247,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per case (the median is reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--untrimmed", action="store_true", help="also time SEP/CoOp with text trimming off")
+    parser.add_argument("--grad-checkpointing", action="store_true",
+                        help="step mode: also run each method with gradient checkpointing on; --data-wait: train with it on")
+    parser.add_argument("--no-baselines", action="store_true", help="step mode: skip the two frozen-backbone baselines")
+    parser.add_argument("--data-wait", action="store_true",
+                        help="measure the data-wait fraction of Trainer.fit over a generated JPEG folder instead")
+    parser.add_argument("--data-classes", type=int, default=10, help="--data-wait: class folders to generate")
+    parser.add_argument("--images-per-class", type=int, default=16, help="--data-wait: JPEG files per class")
+    parser.add_argument("--image-size", default="320x240", help="--data-wait: WIDTHxHEIGHT of the generated JPEGs")
+    parser.add_argument("--epochs", type=int, default=3, help="--data-wait: epochs of Trainer.fit (>= 2 for a steady state)")
+    parser.add_argument("--workers", type=int, default=None, help="--data-wait: loader workers (default: promptune's)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per isolated case")
     parser.add_argument("--single", help=argparse.SUPPRESS)
@@ -157,13 +269,17 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.backbone or []:
         backbones[common.family_of(name)] = name
     methods = args.method or list(ALL_METHODS)
+    if args.data_wait:
+        common.emit(data_wait_report(args, backbones, methods))
+        return
     base = {"batch": args.batch, "classes": args.classes, "steps": args.steps, "warmup": args.warmup, "device": args.device}
     families = [f for f in ("clip", "vit") if any((m in common.CLIP_METHODS) == (f == "clip") for m in methods)]
 
     report: dict[str, Any] = {
         "benchmark": "training step",
         "inputs": {**base, "methods": methods, "backbones": {f: backbones[f] for f in families},
-                   "untrimmed": args.untrimmed,
+                   "untrimmed": args.untrimmed, "grad_checkpointing": args.grad_checkpointing,
+                   "baselines": not args.no_baselines,
                    "data": "synthetic tensor batch, no DataLoader (data-wait fraction not measured)",
                    "step": "promptune.train.Trainer.train_step with optimizer=adam, the method's training_loss and param_groups"},
         "results": {},
@@ -171,7 +287,7 @@ def main(argv: list[str] | None = None) -> None:
     environment = None
     for family in families:
         cases: dict[str, Any] = {}
-        for case in ("forward", "forward_backward_input"):
+        for case in () if args.no_baselines else ("forward", "forward_backward_input"):
             cases[case] = common.run_isolated(SCRIPT, {**base, "case": case, "backbone": backbones[family]}, args.timeout)
         for method in methods:
             if (method in common.CLIP_METHODS) != (family == "clip"):
@@ -180,21 +296,37 @@ def main(argv: list[str] | None = None) -> None:
             if cls is None:
                 cases[method] = {"note": why}
                 continue
-            spec = {**base, "case": method, "backbone": backbones[family], "untrimmed": args.untrimmed}
+            spec = {**base, "case": method, "backbone": backbones[family], "untrimmed": args.untrimmed,
+                    "interleave_checkpointing": args.grad_checkpointing}
             cases[method] = common.run_isolated(SCRIPT, spec, args.timeout)
+            if args.grad_checkpointing:  # its own process, so its peak memory is the checkpointed steps' alone
+                spec = {**spec, "untrimmed": False, "interleave_checkpointing": False, "grad_checkpointing": True}
+                cases[f"{method}+grad_checkpointing"] = common.run_isolated(SCRIPT, spec, args.timeout)
         for name, case in cases.items():
             environment = case.pop("environment", environment) if isinstance(case, dict) else environment
-        forward = cases["forward"].get("step", {}).get("median_ms")
-        backward = cases["forward_backward_input"].get("step", {}).get("median_ms")
-        ratios: dict[str, Any] = {"forward_backward_input_over_forward": common.ratio(backward, forward)}
+        forward = cases.get("forward", {}).get("step", {}).get("median_ms")
+        backward = cases.get("forward_backward_input", {}).get("step", {}).get("median_ms")
+        ratios: dict[str, Any] = {}
+        if not args.no_baselines:
+            ratios["forward_backward_input_over_forward"] = common.ratio(backward, forward)
         for method in methods:
             step = cases.get(method, {}).get("step", {}).get("median_ms") if method in cases else None
             if step is None:
                 continue
-            ratios[f"{method}_step_over_forward"] = common.ratio(step, forward)
-            ratios[f"{method}_step_over_forward_backward_input"] = common.ratio(step, backward)
+            if not args.no_baselines:
+                ratios[f"{method}_step_over_forward"] = common.ratio(step, forward)
+                ratios[f"{method}_step_over_forward_backward_input"] = common.ratio(step, backward)
             if "trimmed_over_untrimmed" in cases[method]:
                 ratios[f"{method}_trimmed_over_untrimmed"] = cases[method]["trimmed_over_untrimmed"]
+            if "grad_checkpointing_over_plain" in cases[method]:  # interleaved in one process: drift hits both
+                ratios[f"{method}_grad_checkpointing_step_over_step"] = cases[method]["grad_checkpointing_over_plain"]
+            checkpointed = cases.get(f"{method}+grad_checkpointing", {})
+            if "step" in checkpointed:
+                plain_memory, checkpointed_memory = cases[method]["memory"], checkpointed["memory"]
+                ratios[f"{method}_grad_checkpointing_peak_over_peak"] = common.ratio(
+                    checkpointed_memory["peak_mb"], plain_memory["peak_mb"])
+                ratios[f"{method}_grad_checkpointing_added_by_steps_over_added_by_steps"] = common.ratio(
+                    checkpointed_memory["added_by_steps_mb"], plain_memory["added_by_steps_mb"])
         report["results"][family] = {"cases": cases, "ratios": ratios}
     sep = report["results"].get("clip", {}).get("ratios", {}).get("sep_trimmed_over_untrimmed")
     if sep is not None:
@@ -203,6 +335,36 @@ def main(argv: list[str] | None = None) -> None:
             "at_target_settings": args.classes == 100 and args.batch == 8 and backbones["clip"] == "ViT-B-32"}}
     report["environment"] = environment
     common.emit(report)
+
+
+def data_wait_report(args: argparse.Namespace, backbones: dict[str, str], methods: list[str]) -> dict[str, Any]:
+    """The `--data-wait` report: one isolated `Trainer.fit` run per method over the same generated JPEG folder spec."""
+    try:
+        width, height = (int(v) for v in args.image_size.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"--image-size must be WIDTHxHEIGHT, such as 320x240, not {args.image_size!r}") from None
+    base = {"case": "data_wait", "batch": args.batch, "epochs": args.epochs, "device": args.device,
+            "data_classes": args.data_classes, "images_per_class": args.images_per_class, "image_size": [width, height],
+            "workers": args.workers, "grad_checkpointing": args.grad_checkpointing}
+    report: dict[str, Any] = {
+        "benchmark": "data wait in training",
+        "inputs": {**base, "methods": methods,
+                   "data": f"{args.data_classes} classes x {args.images_per_class} generated JPEG files of {width}x{height} px "
+                           "(gradient + shapes + noise), all used for training, no validation pass",
+                   "pipeline": "load_training_data, ImageDataset, build_transform(train=True), make_loader "
+                               "(persistent workers, pinned memory on CUDA), method.prepare, Trainer.fit",
+                   "data_wait_fraction": "EpochStats.data_wait_fraction: time blocked on the loader / epoch time; "
+                                         "epoch 1 includes worker start-up, steady_state averages the later epochs"},
+        "results": {},
+    }
+    environment = None
+    for method in methods:
+        family = "clip" if method in common.CLIP_METHODS else "vit"
+        result = common.run_isolated(SCRIPT, {**base, "method": method, "backbone": backbones[family]}, args.timeout)
+        environment = result.pop("environment", environment)
+        report["results"][method] = result
+    report["environment"] = environment
+    return report
 
 
 if __name__ == "__main__":
