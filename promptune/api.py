@@ -213,12 +213,16 @@ def tune(
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     handle_signals: bool = True,
+    grad_checkpointing: bool = False,
+    compile_step: bool = False,
     options: dict[str, Any] | None = None,
     reporter: Reporter | None = None,
     log: Log = _quiet,
 ) -> TuneResult:
     """Learn prompts for the classes in `data_dir` and write them to `out` (atomically).
 
+    `grad_checkpointing` recomputes the frozen blocks' activations in the backward pass (less memory, ~1.3x the
+    step time); `compile_step` runs the training loss through `torch.compile` (worth it on CUDA for long runs).
     With `checkpoint`, the run's state is saved in `checkpoint_dir` (default: beside `out`) after every epoch and on
     SIGINT/SIGTERM (then `RunInterrupted` is raised); `resume` continues from it, ending with the same prompt tensors
     as an uninterrupted run. The checkpoint is removed once the prompt file is written.
@@ -256,6 +260,7 @@ def tune(
         bb = load_backbone(backbone, weights, family=family)
         seed_everything(seed)
         model = cls(bb, data.class_names, config).to(torch_device)
+        model.set_grad_checkpointing(grad_checkpointing)
         run = _run_identity(method_name, bb, model, cfg, data, Path(data_dir), shots, base_classes)
         saved = _resume_state(folder, run, model) if resume else None
 
@@ -273,7 +278,7 @@ def tune(
             with torch.no_grad(), autocast(torch_device, amp_dtype):
                 model.prepare(prepare_loader, torch_device, seed)
 
-        trainer = Trainer(model, cfg, torch_device, steps_per_epoch=len(train_loader))
+        trainer = Trainer(model, cfg, torch_device, steps_per_epoch=len(train_loader), compile_step=compile_step)
         if saved is not None:
             trainer.restore(saved.tensors, saved.trainer)
             log(f"resuming from '{folder}' at epoch {trainer.epoch + 1}, step {trainer.progress.step}")

@@ -203,8 +203,10 @@ def _never() -> bool:
 class Trainer:
     """One training run. `fit` runs the epochs left; `state`/`restore` make it resumable after any step."""
 
-    def __init__(self, method: PromptMethod, cfg: TrainConfig, device: torch.device, steps_per_epoch: int) -> None:
+    def __init__(self, method: PromptMethod, cfg: TrainConfig, device: torch.device, steps_per_epoch: int,
+                 compile_step: bool = False) -> None:
         self.method = method
+        self.loss_fn = torch.compile(method.training_loss) if compile_step else method.training_loss
         self.cfg = cfg
         self.device = device
         self.optimizer = build_optimizer(method.param_groups(cfg.weight_decay), cfg)
@@ -218,7 +220,7 @@ class Trainer:
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
         with autocast(self.device, self.cfg.amp_dtype):
-            loss, logits = self.method.training_loss(images, labels)
+            loss, logits = self.loss_fn(images, labels)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
