@@ -243,6 +243,10 @@ def evaluate(
     from promptune.api import check_loader_options
 
     _guarded(lambda: check_loader_options(batch_size, workers))
+    if report_dir is not None:
+        from promptune.report import prepare_report_dir
+
+        _guarded(lambda: prepare_report_dir(report_dir))
     model = _load(prompts, backbone, weights, device, precision)
     if not quiet:
         _warn(model.describe())

@@ -11,6 +11,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from promptune.errors import PromptuneError
+from promptune.fileio import atomic_write
 
 if TYPE_CHECKING:
     from promptune.api import EvalReport
@@ -72,26 +73,43 @@ def draw_confusion(confusion: torch.Tensor, names: list[str], path: Path) -> tup
         ImageDraw.Draw(column).text((2, 5), label, fill="black", font=font)
         rotated = column.rotate(90, expand=True)
         image.paste(rotated, (margin + i * CELL, 2), rotated)  # predicted class (columns)
-    image.save(path)
+    image.save(path, format="PNG")
     return size
 
 
-def write_report(report: "EvalReport", folder: str | Path, header: dict[str, object]) -> list[Path]:
+def prepare_report_dir(folder: str | Path) -> Path:
+    """Create the report folder up front, so a bad --report fails before a long evaluation, not after it."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise PromptuneError(f"--report '{folder}' is a file; give a folder.")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise PromptuneError(f"Cannot create report folder '{folder}': {error.strerror or error}.") from None
-    written = [folder / "metrics.json", folder / "per_class.csv", folder / "confusion.png", folder / "misclassified.csv"]
-    (folder / "metrics.json").write_text(json.dumps({**header, **report.to_dict()}, indent=2))
-    rows = per_class_rows(report)
-    with open(folder / "per_class.csv", "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    draw_confusion(torch.tensor(report.confusion), report.class_names, folder / "confusion.png")
-    with open(folder / "misclassified.csv", "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["path", "true", "predicted"])
-        writer.writeheader()
-        writer.writerows(report.misclassified)
-    return written
+    return folder
+
+
+def _write_csv(path: Path, fieldnames: list[str], rows: list[dict[str, object]]) -> None:
+    def write(name: str) -> None:
+        with open(name, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fieldnames)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(path, write)
+
+
+def write_report(report: "EvalReport", folder: str | Path, header: dict[str, object]) -> list[Path]:
+    """Each file is replaced atomically: a report folder never holds a half-written file."""
+    folder = prepare_report_dir(folder)
+    try:
+        metrics = json.dumps({**header, **report.to_dict()}, indent=2)
+        atomic_write(folder / "metrics.json", lambda name: Path(name).write_text(metrics, encoding="utf-8"))
+        rows = per_class_rows(report)
+        _write_csv(folder / "per_class.csv", list(rows[0]), rows)
+        atomic_write(folder / "confusion.png",
+                     lambda name: draw_confusion(torch.tensor(report.confusion), report.class_names, Path(name)))
+        _write_csv(folder / "misclassified.csv", ["path", "true", "predicted"], report.misclassified)
+    except OSError as error:
+        raise PromptuneError(f"Cannot write the report into '{folder}': {error.strerror or error}.") from None
+    return [folder / "metrics.json", folder / "per_class.csv", folder / "confusion.png", folder / "misclassified.csv"]

@@ -439,7 +439,7 @@ CASES = {
     "eval-workers-negative": Case(eval_with("--workers", "-1"), 1, ("--workers must be between 0 and 256",)),
     "eval-workers-absurd": Case(eval_with("--workers", TOP), 1, ("--workers must be between 0 and 256",)),
     "eval-unknown-device": Case(eval_with("--device", "gpu"), 1, ("Unknown device 'gpu'",)),
-    "eval-report-into-a-file": Case(report_into_a_file, 1, ("Cannot create report folder",)),
+    "eval-report-into-a-file": Case(report_into_a_file, 1, ("is a file; give a folder",)),
     "eval-missing-prompts-option": Case(lambda e: ["eval", e.images], 2, ("Missing option '--prompts'",)),
     "predict-top-k-zero": Case(predict_with("--top-k", "0"), 1, ("--top-k must be at least 1",)),
     "predict-top-k-negative": Case(predict_with("--top-k", "-5"), 1, ("--top-k must be at least 1",)),

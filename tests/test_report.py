@@ -5,12 +5,14 @@ from __future__ import annotations
 import csv
 import json
 
+import pytest
 import torch
 from PIL import Image
 
 from promptune.api import EvalReport
 from promptune.metrics import confusion_matrix, per_class_accuracy
-from promptune.report import CELL, MAX_MATRIX_CLASSES, write_report
+from promptune.errors import PromptuneError
+from promptune.report import CELL, MAX_MATRIX_CLASSES, prepare_report_dir, write_report
 
 
 def _report(n_classes: int, n_images: int, seed: int = 0) -> EvalReport:
@@ -62,3 +64,19 @@ def test_large_class_count_shows_most_confused_only(tmp_path):
     with Image.open(tmp_path / "confusion.png") as image:
         width, _ = image.size
     assert MAX_MATRIX_CLASSES * CELL < width < 60 * CELL + 300
+
+
+def test_rewriting_a_report_replaces_every_file_and_leaves_no_temp_files(tmp_path):
+    write_report(_report(5, 100, seed=2), tmp_path, {"run": 1})
+    write_report(_report(3, 50, seed=3), tmp_path, {"run": 2})
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["run"] == 2 and metrics["n_images"] == 50
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["confusion.png", "metrics.json", "misclassified.csv", "per_class.csv"]
+
+
+def test_report_folder_that_is_a_file_is_refused_and_kept(tmp_path):
+    target = tmp_path / "report"
+    target.write_text("mine")
+    with pytest.raises(PromptuneError, match="is a file; give a folder"):
+        prepare_report_dir(target)
+    assert target.read_text() == "mine"
