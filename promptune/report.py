@@ -54,7 +54,7 @@ def draw_confusion(confusion: torch.Tensor, names: list[str], path: Path) -> tup
     rows = matrix / matrix.sum(dim=1, keepdim=True).clamp(min=1)
     labels = [names[i][:LABEL_CHARS] for i in keep]
     font = ImageFont.load_default()
-    margin = 8 + 7 * max(len(label) for label in labels)
+    margin = max(96, 8 + 7 * max(len(label) for label in labels))  # also room for the axis legend
     n = len(keep)
     size = (margin + n * CELL + 10, margin + n * CELL + 10)
     image = Image.new("RGB", size, "white")
@@ -73,6 +73,8 @@ def draw_confusion(confusion: torch.Tensor, names: list[str], path: Path) -> tup
         ImageDraw.Draw(column).text((2, 5), label, fill="black", font=font)
         rotated = column.rotate(90, expand=True)
         image.paste(rotated, (margin + i * CELL, 2), rotated)  # predicted class (columns)
+    draw.text((4, 4), "rows: true class", fill="gray", font=font)
+    draw.text((4, 16), "columns: predicted", fill="gray", font=font)
     image.save(path, format="PNG")
     return size
 
