@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import hashlib
 import json
 import logging
 import os
@@ -17,6 +16,7 @@ from torch import nn
 
 from promptune.data import Preprocess
 from promptune.errors import BackboneError
+from promptune.fileio import file_sha256
 
 Family = Literal["clip", "vit"]
 DEFAULT_CLIP_BACKBONE = "ViT-B-16"
@@ -57,14 +57,6 @@ def freeze(model: nn.Module) -> nn.Module:
     model.eval()
     model.requires_grad_(False)
     return model
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from promptune.errors import PromptuneError
-from promptune.fileio import atomic_write
+from promptune.fileio import atomic_write, file_sha256
 
 FORMAT_NAME = "promptune.checkpoint"
 FORMAT_VERSION = 1
@@ -52,14 +52,6 @@ def has_checkpoint(folder: Path) -> bool:
     return (folder / INDEX_NAME).is_file()
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def save_checkpoint(folder: Path, checkpoint: Checkpoint) -> Path:
     """Write `checkpoint` into `folder` (created if needed) so that a crash at any point leaves a whole checkpoint."""
     try:
@@ -74,7 +66,7 @@ def save_checkpoint(folder: Path, checkpoint: Checkpoint) -> Path:
             "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "stopped_by": checkpoint.stopped_by,
             "state_file": state_path.name,
-            "state_sha256": _sha256(state_path),
+            "state_sha256": file_sha256(state_path),
             "run": checkpoint.run,
             "trainer": checkpoint.trainer,
         }
@@ -107,7 +99,7 @@ def load_checkpoint(folder: Path) -> Checkpoint:
         )
     try:
         state_path = folder / Path(str(index["state_file"])).name
-        if _sha256(state_path) != index["state_sha256"]:
+        if file_sha256(state_path) != index["state_sha256"]:
             raise CheckpointError(f"{damaged} (its state file does not match its sha256); delete it to start over.")
         tensors = load_file(str(state_path))
         checkpoint = Checkpoint(run=index["run"], trainer=index["trainer"], tensors=tensors,

@@ -104,6 +104,18 @@ def shape_test_folder(tmp_path_factory) -> Path:
 # ------------------------------------------------------------------------------------------ gradient checkpointing
 
 
+def train_steps(method, images: torch.Tensor, labels: torch.Tensor, optimizer, steps: int, batch: int = 12) -> None:
+    """A bare seeded training loop over random mini-batches (no Trainer), for learnability tests."""
+    generator = torch.Generator().manual_seed(0)
+    method.train()
+    for _ in range(steps):
+        pick = torch.randperm(len(labels), generator=generator)[:batch]
+        loss, _ = method.training_loss(images[pick], labels[pick])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
 def loss_and_grads(method, images: torch.Tensor, labels: torch.Tensor, checkpointing: bool):
     """A training-mode loss and every learned parameter's gradient (None if it got none), checkpointing on or off."""
     method.set_grad_checkpointing(checkpointing)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms
 
-from conftest import TINY_CLIP_CONFIG, assert_checkpointing_is_exact, make_clip_files
+from conftest import TINY_CLIP_CONFIG, assert_checkpointing_is_exact, make_clip_files, train_steps
 from promptune.artifact import PromptFile, load_prompt_file, save_prompt_file
 from promptune.backbones import load_backbone
 from promptune.data import prompt_name
@@ -344,14 +344,7 @@ def test_training_beats_chance_and_the_untrained_start(backbone, train_set, test
     start = accuracy(sep, test_images, test_labels)
     sep.prepare(batches(images, labels, 12), torch.device("cpu"), seed=0)
     optimizer = torch.optim.Adam(sep.param_groups(5e-4), lr=5e-3)
-    generator = torch.Generator().manual_seed(0)
-    sep.train()
-    for _ in range(80):
-        pick = torch.randperm(len(images), generator=generator)[:12]
-        loss, _ = sep.training_loss(images[pick], labels[pick])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    train_steps(sep, images, labels, optimizer, steps=80)
     final = accuracy(sep, test_images, test_labels)
     assert final > 1 / len(names) + 0.2, (start, final)
     assert final > start, (start, final)

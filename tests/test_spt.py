@@ -17,7 +17,7 @@ from promptune.data import Batch, ImageDataset, ImageItem, Preprocess, build_tra
 from promptune.errors import MethodError, PromptFileError
 from promptune.methods import get_method
 from promptune.methods.spt import SPT, VPT, TokenReservoir, pool_windows
-from conftest import assert_checkpointing_is_exact, loss_and_grads, make_shape_folder, make_vit_file
+from conftest import assert_checkpointing_is_exact, loss_and_grads, make_shape_folder, make_vit_file, train_steps
 
 CLASSES = ["a", "b", "c"]
 PREPROCESS = Preprocess(size=48, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
@@ -432,14 +432,7 @@ def test_short_spt_training_beats_chance_on_held_out_images(vit, tmp_path):
     ]
     method.prepare(batches, torch.device("cpu"), seed=0)
     optimizer = torch.optim.AdamW(method.param_groups(0.0), lr=1e-2)
-    generator = torch.Generator().manual_seed(0)
-    method.train()
-    for _ in range(60):
-        pick = torch.randperm(len(train_labels), generator=generator)[:12]
-        loss, _ = method.training_loss(train_images[pick], train_labels[pick])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    train_steps(method, train_images, train_labels, optimizer, steps=60)
     method.eval()
     with torch.no_grad():
         accuracy = float((method(test_images).argmax(1) == test_labels).float().mean())
