@@ -388,11 +388,11 @@ def test_config_resolves_prompt_count_and_registry_names_the_classes(vit):
 @pytest.mark.parametrize(
     ("cls", "options", "message"),
     [
-        (SPT, {"depth": "middle"}, "depth"),
-        (SPT, {"prompts_per_layer": -1}, "prompts_per_layer"),
-        (SPT, {"prompts_per_layer": 2.5}, "prompts_per_layer"),
+        (SPT, {"depth": "middle"}, "--depth"),
+        (SPT, {"prompts_per_layer": -1}, "--prompts-per-layer"),
+        (SPT, {"prompts_per_layer": 2.5}, "--prompts-per-layer"),
         (SPT, {"init": "xavier"}, "init"),
-        (SPT, {"init_images": 0}, "init_images"),
+        (SPT, {"init_images": 0}, "--init-images"),
         (SPT, {"pool_window": 0}, "pool_window"),
         (SPT, {"kmeans_iters": True}, "kmeans_iters"),
         (SPT, {"reservoir_size": 10}, "reservoir_size"),

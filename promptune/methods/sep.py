@@ -191,9 +191,9 @@ class SEP(ClipPromptMethod):
     @classmethod
     def validate_config(cls, config: SEPConfig, error: type[Exception]) -> None:
         if not _is_int(config.n_ctx) or not 1 <= config.n_ctx <= 32:
-            raise error(f"n_ctx must be an integer between 1 and 32, got {config.n_ctx!r}.")
+            raise error(f"--n-ctx must be a whole number from 1 to 32, got {config.n_ctx!r}.")
         if not _is_int(config.n_ctx_v) or not 1 <= config.n_ctx_v <= 32:
-            raise error(f"n_ctx_v must be an integer between 1 and 32, got {config.n_ctx_v!r}.")
+            raise error(f"--n-ctx-v must be a whole number from 1 to 32, got {config.n_ctx_v!r}.")
         layers = config.fusion_layers
         if layers is not None:
             if not isinstance(layers, (list, tuple)) or not layers or not all(_is_int(i) and i >= 0 for i in layers):

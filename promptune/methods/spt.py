@@ -257,14 +257,14 @@ class SPT(PromptMethod):
             return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
 
         if config.depth not in DEPTHS:
-            raise error(f"Method '{cls.name}' depth must be 'deep' or 'shallow', not {config.depth!r}.")
+            raise error(f"--depth must be 'deep' or 'shallow', not {config.depth!r}.")
         count = config.prompts_per_layer
         if count is not None and (not whole(count) or not 0 <= count <= MAX_PROMPTS):
             raise error(
-                f"Method '{cls.name}' prompts_per_layer must be a whole number from 0 to {MAX_PROMPTS}, not {count!r}."
+                f"--prompts-per-layer must be a whole number from 0 to {MAX_PROMPTS}, not {count!r}."
             )
         if config.init not in cls.init_choices:
-            raise error(f"Method '{cls.name}' init must be one of {', '.join(cls.init_choices)}, not {config.init!r}.")
+            raise error(f"--init for {cls.name} must be one of {', '.join(cls.init_choices)}, not {config.init!r}.")
         for field in ("head_weight_decay", "prompt_weight_decay"):
             if not rate(getattr(config, field)):
                 raise error(f"Method '{cls.name}' {field} must be a number >= 0, not {getattr(config, field)!r}.")
@@ -272,7 +272,7 @@ class SPT(PromptMethod):
             return
         if config.init_images is not None and (not whole(config.init_images) or config.init_images < 1):
             raise error(
-                f"Method '{cls.name}' init_images must be a whole number >= 1 (or unset for all images), "
+                f"--init-images must be a whole number >= 1 (or unset for all images), "
                 f"not {config.init_images!r}."
             )
         for field in ("pool_window", "kmeans_iters", "reservoir_size"):
