@@ -437,24 +437,35 @@ def load_training_data(
     train: list[ImageItem] = []
     val: list[ImageItem] = []
     skipped: list[SkippedFile] = []
-    notes: list[str] = []
+    short: dict[str, int] = {}  # classes with fewer readable images than --shots
     for label, name in enumerate(class_names):
         rng = random.Random(f"{seed}:{name}")  # per-class seed: adding a class leaves the others' picks alone
         pick = _pick_class(all_classes[name], rng, shots, val_fraction, with_val=val_images is None)
         if not pick.train:
             raise DataError(f"class '{name}' has no readable images ({len(pick.skipped)} skipped).")
         if shots is not None and len(pick.train) < shots:
-            notes.append(
-                f"class '{name}' has {len(pick.train)} readable images, fewer than --shots {shots}; "
-                f"training on all {len(pick.train)}."
-            )
+            short[name] = len(pick.train)
         if val_images is not None:
             readable, unreadable = _readable(val_images[name])
             pick.val, pick.skipped = readable, pick.skipped + unreadable
         skipped.extend(pick.skipped)
         train.extend(ImageItem(path, label) for path in sorted(pick.train))
         val.extend(ImageItem(path, label) for path in sorted(pick.val))
-    return TrainingData(class_names, train, val, skipped, _layout_name(layout), notes)
+    return TrainingData(class_names, train, val, skipped, _layout_name(layout), _short_class_notes(short, shots))
+
+
+def _short_class_notes(short: dict[str, int], shots: int | None) -> list[str]:
+    """One warning, however many classes are short (a folder of 10-image classes with the default 16 shots)."""
+    if not short:
+        return []
+    if len(short) == 1:
+        (name, count), = short.items()
+        return [f"class '{name}' has {count} readable images, fewer than --shots {shots}; training on all {count}."]
+    smallest = min(short, key=short.get)
+    return [
+        f"{len(short)} classes have fewer readable images than --shots {shots} (fewest: '{smallest}' with "
+        f"{short[smallest]}); training on all of their images."
+    ]
 
 
 def _keep_base_classes(names: list[str], base_classes: int | float | None, root: Path) -> list[str]:

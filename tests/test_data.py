@@ -249,6 +249,16 @@ def test_shots_larger_than_a_class_takes_what_exists(tmp_path: Path) -> None:
     data = load_training_data(tmp_path, shots=10)
     assert len(train_paths(data)["small"]) == 3 and len(val_paths(data)["small"]) == 0
     assert len(train_paths(data)["large"]) == 10 and len(val_paths(data)["large"]) == 2
+    assert data.warnings == ["class 'small' has 3 readable images, fewer than --shots 10; training on all 3."]
+
+
+def test_many_short_classes_give_one_warning(tmp_path: Path) -> None:
+    make_classes(tmp_path, {"a": 4, "b": 2, "c": 5, "d": 20})
+    data = load_training_data(tmp_path, shots=16)
+    assert data.warnings == [
+        "3 classes have fewer readable images than --shots 16 (fewest: 'b' with 2); training on all of their images."
+    ]
+    assert load_training_data(tmp_path, shots=None).warnings == []
 
 
 def test_all_images_hold_out_a_validation_fraction(tmp_path: Path) -> None:
