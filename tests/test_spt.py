@@ -17,6 +17,7 @@ from promptune.data import Batch, ImageDataset, ImageItem, Preprocess, build_tra
 from promptune.errors import MethodError, PromptFileError
 from promptune.methods import get_method
 from promptune.methods.spt import SPT, VPT, TokenReservoir, pool_windows
+from promptune.methods.vit_blocks import supports_span_skipping
 from conftest import assert_checkpointing_is_exact, loss_and_grads, make_shape_folder, make_vit_file, train_steps
 
 CLASSES = ["a", "b", "c"]
@@ -285,6 +286,52 @@ def test_avg_pool_averages_patch_tokens_without_prompts_or_prefix():
         features = method.forward_features(image_batches(count=1)[0].images)
         expected = model.fc_norm(features[:, model.num_prefix_tokens + 3 :].mean(1))
         assert torch.allclose(method.pool(features), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize(("name", "kwargs"), [("test_vit", {}), ("test_vit", {"reg_tokens": 2}), ("test_vit2", {})])
+def test_deep_blocks_skip_the_prompt_outputs_and_agree_with_whole_blocks(name, kwargs):
+    """Deep prompts' block outputs are discarded, so they are never computed; logits and gradients stay the same."""
+    backbone = timm_vit(name, **kwargs)
+    method = spt(backbone, prompts_per_layer=4)
+    assert all(supports_span_skipping(block) for block in backbone.model.blocks)  # the fast path is the one tested
+    batch = image_batches(count=1)[0]
+    whole_calls: list[int] = []
+    hooks = [block.register_forward_pre_hook(lambda *_: whole_calls.append(1)) for block in backbone.model.blocks]
+    method.eval()
+    with torch.no_grad():
+        fast = method(batch.images)
+        assert not whole_calls  # no block ran whole
+        reference = method.head(method.pool(method.forward_features(batch.images)))
+        method.skip_prompt_outputs = False
+        whole = method(batch.images)
+    for hook in hooks:
+        hook.remove()
+    torch.testing.assert_close(fast, reference, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast, whole, atol=1e-5, rtol=0)
+    loss_whole, grads_whole = loss_and_grads(method, batch.images, batch.labels, checkpointing=False)
+    method.skip_prompt_outputs = True
+    loss_fast, grads_fast = loss_and_grads(method, batch.images, batch.labels, checkpointing=False)
+    torch.testing.assert_close(loss_fast, loss_whole, atol=1e-6, rtol=0)
+    for key, grad in grads_whole.items():
+        assert grad is not None and grad.abs().sum() > 0, key
+        torch.testing.assert_close(grads_fast[key], grad, atol=1e-6, rtol=1e-5)
+
+
+def test_blocks_of_another_kind_run_whole():
+    backbone = timm_vit()
+
+    class CustomBlock(type(backbone.model.blocks[0])):
+        pass
+
+    block = backbone.model.blocks[0]
+    block.__class__ = CustomBlock  # a subclass may change forward: no shortcut for it
+    assert not supports_span_skipping(block)
+    assert all(supports_span_skipping(other) for other in backbone.model.blocks[1:])
+    method = spt(backbone, prompts_per_layer=4).eval()
+    images = image_batches(count=1)[0].images
+    with torch.no_grad():
+        reference = method.head(method.pool(method.forward_features(images)))
+        torch.testing.assert_close(method(images), reference, atol=1e-5, rtol=0)
 
 
 def test_a_non_vit_backbone_is_rejected():

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Subset
 from promptune.backbones import Backbone
 from promptune.errors import MethodError
 from promptune.methods.base import PromptMethod, TrainDefaults, run_block
+from promptune.methods.vit_blocks import block_without_span, drop_span, supports_span_skipping
 
 DEPTHS = ("deep", "shallow")
 SPT_INITS = ("random", "mean", "max", "kmeans")
@@ -237,6 +238,7 @@ class SPT(PromptMethod):
         self.num_prompts = count
         self.deep = depth == "deep"
         self.num_blocks = len(model.blocks)
+        self.skip_prompt_outputs = True  # deep: never compute the outputs the next layer's prompts replace
         width = int(model.embed_dim)
         self.prompts = nn.Parameter(torch.empty(self.num_blocks if self.deep else 1, count, width))
         with torch.no_grad():
@@ -326,6 +328,31 @@ class SPT(PromptMethod):
             x = run_block(checkpointed, segment, x, index, block)
         return self.vit.norm(x)
 
+    def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, prefix + patches, D) after the final norm, prompts left out: the tokens the head pools.
+
+        Deep prompts enter before each block and leave after it. Where the block allows (timm's plain `Block`), the
+        prompt positions' outputs are never computed (`vit_blocks.block_without_span`); other blocks run whole.
+        """
+        if not self.deep or self.num_prompts == 0:
+            return self._without_prompts(self.forward_features(images))
+        x = self._tokens(images)
+        checkpointed = self.checkpointing_active()
+        for index, block in enumerate(self.vit.blocks):
+            x = run_block(checkpointed, self._deep_block, x, index, block)
+        return self.vit.norm(x)
+
+    def _deep_block(self, x: torch.Tensor, index: int, block: nn.Module) -> torch.Tensor:
+        x = self._with_prompts(x, index, replace=False)
+        start, end = self.num_prefix, self.num_prefix + self.num_prompts
+        if self.skip_prompt_outputs and supports_span_skipping(block):
+            return block_without_span(block, x, start, end)
+        return drop_span(block(x), start, end)
+
+    def _without_prompts(self, features: torch.Tensor) -> torch.Tensor:
+        start, end = self.num_prefix, self.num_prefix + self.num_prompts
+        return drop_span(features, start, end) if end > start else features
+
     def pool(self, features: torch.Tensor) -> torch.Tensor:
         """The image feature the head sees: the backbone's own pooling, on the tokens without the prompts.
 
@@ -335,12 +362,10 @@ class SPT(PromptMethod):
         act only through attention, as in VPT. The authors' MAE code also averages the prompts in; then the feature
         would depend on P and on the prompts' own scale instead of the image's tokens.
         """
-        start, end = self.num_prefix, self.num_prefix + self.num_prompts
-        tokens = torch.cat([features[:, :start], features[:, end:]], 1) if end > start else features
-        return self.vit.fc_norm(self.vit.pool(tokens))
+        return self.vit.fc_norm(self.vit.pool(self._without_prompts(features)))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.pool(self.forward_features(images)))
+        return self.head(self.vit.fc_norm(self.vit.pool(self.image_tokens(images))))
 
     # ----- prototype init ------------------------------------------------------------------------------------------
     def _collected_layers(self) -> int:
