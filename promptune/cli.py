@@ -140,7 +140,7 @@ def _parse_base_classes(value: Optional[str]) -> Optional[float]:
 
 @app.command()
 def tune(
-    data_dir: Annotated[Path, typer.Argument(help="Folder with one sub-folder of images per class (or train/ val/ test/ splits).", show_default=False)],
+    data_dir: Annotated[Path, typer.Argument(help="Folder with one sub-folder of images per class (or train/ val/ test/ splits).", show_default=False, metavar="DATA_DIR")],
     method: Annotated[str, typer.Option(help=METHOD_HELP)] = "auto",
     backbone: Annotated[Optional[str], typer.Option(help="open_clip model name or config JSON (CLIP), or timm ViT name. Default: ViT-B-16 (CLIP) / vit_base_patch16_224.augreg2_in21k_ft_in1k (ViT).", show_default=False)] = None,
     weights: Annotated[Optional[str], typer.Option(help="Pretrained tag (e.g. openai, laion2b_s34b_b88k) or a local weights file (.safetensors/.bin/.pt/.pth).", show_default=False)] = None,
@@ -226,7 +226,7 @@ def _pct(value: Optional[float]) -> str:
 
 @app.command("eval")
 def evaluate(
-    data_dir: Annotated[Path, typer.Argument(help="Folder with one sub-folder of images per class (test/ used when present).", show_default=False)],
+    data_dir: Annotated[Path, typer.Argument(help="Folder with one sub-folder of images per class (test/ used when present).", show_default=False, metavar="DATA_DIR")],
     prompts: Annotated[Path, typer.Option("--prompts", "-p", help="Prompt file written by `promptune tune`.", show_default=False)],
     backbone: Annotated[Optional[str], typer.Option(help="Override the backbone named in the prompt file (must be the same).", show_default=False)] = None,
     weights: Annotated[Optional[str], typer.Option(help="Local weights file, when the prompt file was tuned on one.", show_default=False)] = None,
@@ -297,7 +297,7 @@ def _read_classes(classes: Optional[str], classes_file: Optional[Path]) -> Optio
 
 @app.command()
 def predict(
-    paths: Annotated[list[str], typer.Argument(help="Images, folders or glob patterns.", show_default=False)],
+    paths: Annotated[list[str], typer.Argument(help="Images, folders or glob patterns.", show_default=False, metavar="PATH")],
     prompts: Annotated[Path, typer.Option("--prompts", "-p", help="Prompt file written by `promptune tune`.", show_default=False)],
     top_k: Annotated[int, typer.Option(help="How many classes to show per image.")] = 5,
     classes: Annotated[Optional[str], typer.Option(help="Comma-separated class names to classify into instead of the trained ones (CLIP methods).", show_default=False)] = None,
