@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -261,6 +262,9 @@ def tune(
         seed_everything(seed)
         model = cls(bb, data.class_names, config).to(torch_device)
         model.set_grad_checkpointing(grad_checkpointing)
+        note = overlong_note(model)
+        if note:
+            log(f"warning: {note}")
         run = _run_identity(method_name, bb, model, cfg, data, Path(data_dir), shots, base_classes)
         saved = _resume_state(folder, run, model) if resume else None
 
@@ -392,6 +396,18 @@ def check_predict_options(top_k: int, batch_size: int, workers: int | None) -> N
     check_loader_options(batch_size, workers)
 
 
+def overlong_note(method: PromptMethod) -> str | None:
+    """One sentence when class names are cut short in the text prompts (None when all fit)."""
+    names = method.overlong_class_names()
+    if not names:
+        return None
+    shown = names[0] if len(names[0]) <= 40 else names[0][:40] + "..."
+    if len(names) == 1:
+        return f"class name '{shown}' is too long for the text encoder and is cut short in its text prompt."
+    return (f"{len(names)} class names are too long for the text encoder and are cut short in their text prompts "
+            f"(e.g. '{shown}').")
+
+
 def _check_backbone_matches(stored: dict[str, Any], loaded: Backbone) -> None:
     if stored.get("shape") and stored["shape"] != loaded.shape:
         raise PromptFileError(
@@ -430,6 +446,8 @@ class TunedModel:
         self.amp_dtype = amp_dtype
         self.preprocess = Preprocess.from_dict(prompt_file.preprocess)
         self.transform = build_transform(self.preprocess, train=False)
+        self.on_warning: Callable[[str], None] = lambda message: warnings.warn(message, stacklevel=3)
+        self._warned: set[str] = set()
 
     @property
     def trained_classes(self) -> list[str]:
@@ -453,6 +471,10 @@ class TunedModel:
         if duplicates:
             raise MethodError(f"--classes has duplicate names: {', '.join(duplicates)}.")
         self.method.set_classes(names)
+        note = overlong_note(self.method)
+        if note and note not in self._warned:  # once per message, not once per predict call
+            self._warned.add(note)
+            self.on_warning(note)
         return names
 
     @torch.no_grad()

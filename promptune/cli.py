@@ -217,7 +217,9 @@ def tune(
 def _load(prompts: Path, backbone: Optional[str], weights: Optional[str], device: str, precision: str):
     from promptune.api import load
 
-    return _guarded(lambda: load(prompts, backbone=backbone, weights=weights, device=device, precision=precision))
+    model = _guarded(lambda: load(prompts, backbone=backbone, weights=weights, device=device, precision=precision))
+    model.on_warning = lambda message: _warn(f"warning: {message}")
+    return model
 
 
 def _pct(value: Optional[float]) -> str:

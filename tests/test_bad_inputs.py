@@ -351,6 +351,7 @@ def all_classes_listed(result: Any, e: Env) -> None:
 
 def long_name_trained(result: Any, e: Env) -> None:
     assert LONG_NAME in json.loads(result.stdout)["classes"]
+    assert "is too long for the text encoder and is cut short in its text prompt" in result.stderr
 
 
 def uses_all_images(result: Any, e: Env) -> None:

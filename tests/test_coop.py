@@ -144,6 +144,20 @@ def test_new_class_names(model, shape_test_folder):
     assert model.logits(images).shape == (6, 3)
 
 
+def test_class_names_too_long_for_the_text_context_are_named_once(model):
+    long = " ".join(["word"] * 100)  # far beyond the 77-token context
+    seen: list[str] = []
+    model.on_warning = seen.append
+    model.set_classes(["cat", long])
+    model.set_classes(["cat", long])
+    assert model.method.overlong_class_names() == [long]
+    assert seen == ["class name 'word word word word word word word word ...' is too long for the text encoder and "
+                    "is cut short in its text prompt."]
+    model.set_classes(["cat", "dog"])
+    assert model.method.overlong_class_names() == [] and len(seen) == 1
+    model.set_classes(None)
+
+
 def test_text_features_are_cached_at_eval(model, shape_test_folder):
     method = model.method
     method.eval()

@@ -124,6 +124,10 @@ class PromptMethod(nn.Module):
             )
         self.class_names = list(class_names)
 
+    def overlong_class_names(self) -> list[str]:
+        """Class names cut short in the method's text prompts (CLIP methods: longer than the text context)."""
+        return []
+
     # ----- the prompt file -------------------------------------------------------------------------------------------
     def learned_state(self) -> dict[str, torch.Tensor]:
         """The tensors that go into the prompt file: learned, class-independent where the method allows."""

@@ -56,6 +56,14 @@ class ClipTextRunner(nn.Module):
         device = self.tower.positional_embedding.device
         return self.tokenizer(texts).to(device)  # (N, context_length)
 
+    def overlong(self, texts: list[str]) -> list[bool]:
+        """Per text: does it need more tokens than the context holds (so `tokenize` cuts it short)?"""
+        try:
+            tokens = self.tokenizer(texts, context_length=4 * self.context_length)
+        except TypeError:  # a tokenizer without a context_length argument: nothing to tell
+            return [False] * len(texts)
+        return (self.eot_positions(tokens) >= self.context_length).tolist()
+
     def eot_positions(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.pool == "eos" and self.eos_id is not None:
             return (tokens == self.eos_id).int().argmax(dim=-1)

@@ -59,6 +59,10 @@ class ClipPromptMethod(PromptMethod):
         self.prompts = ClassPrompts(self.text, self.class_names, self.n_ctx).to(device)
         self._text_cache = None
 
+    def overlong_class_names(self) -> list[str]:
+        texts = context_prompts([prompt_name(n) for n in self.class_names], self.n_ctx)
+        return [name for name, cut in zip(self.class_names, self.text.overlong(texts)) if cut]
+
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
         """Also checkpoints the text tower's blocks (run by `self.text`, which is not a PromptMethod)."""
         super().set_grad_checkpointing(enabled)
