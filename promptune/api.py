@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -155,6 +156,21 @@ def _check_checkpoint_request(folder: Path, checkpoint: bool, resume: bool) -> N
         )
 
 
+@contextlib.contextmanager
+def _prepare_progress(model: PromptMethod, reporter: Reporter | None, total: int) -> Iterator[None]:
+    """Show the method's one pass over the training images (SPT prototypes, SEP class means) on the reporter."""
+    if reporter is None or not total:
+        yield
+        return
+    reporter.prepare_start(total)
+    model.prepare_progress = reporter.prepare_step
+    try:
+        yield
+    finally:
+        model.prepare_progress = None
+        reporter.prepare_end()
+
+
 def _run_identity(method: str, bb: Backbone, model: PromptMethod, cfg: TrainConfig, data: TrainingData,
                   data_dir: Path, shots: int | None, base_classes: float | None) -> dict[str, Any]:
     """What must be the same for a checkpoint to continue this run exactly (not --workers, not --device)."""
@@ -279,7 +295,10 @@ def tune(
         if saved is None:
             prepare_loader = make_loader(ImageDataset(data.train, eval_transform), cfg.batch_size, shuffle=True,
                                          seed=seed, workers=workers, pin_memory=pin)
-            with torch.no_grad(), autocast(torch_device, amp_dtype):
+            total = model.prepare_images(len(data.train))
+            if total:
+                log(f"initialising {method_name} from {total} training images ...")
+            with torch.no_grad(), autocast(torch_device, amp_dtype), _prepare_progress(model, reporter, total):
                 model.prepare(prepare_loader, torch_device, seed)
 
         trainer = Trainer(model, cfg, torch_device, steps_per_epoch=len(train_loader), compile_step=compile_step)

@@ -88,6 +88,21 @@ class ProgressReporter:
             TimeRemainingColumn(), console=console, transient=True,
         )
         self.task = None
+        self.prepare_bar = Progress(
+            TextColumn("initialising"), BarColumn(), MofNCompleteColumn(), TextColumn("images"), TimeRemainingColumn(),
+            console=console, transient=True,
+        )
+        self.prepare_task = None
+
+    def prepare_start(self, images: int) -> None:
+        self.prepare_bar.start()
+        self.prepare_task = self.prepare_bar.add_task("prepare", total=images)
+
+    def prepare_step(self, images: int) -> None:
+        self.prepare_bar.update(self.prepare_task, advance=images)
+
+    def prepare_end(self) -> None:
+        self.prepare_bar.stop()
 
     def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
         if self.task is None:
@@ -113,6 +128,15 @@ class ProgressReporter:
 
 class LineReporter:
     """One line per epoch on stderr when there is no TTY (logs, CI) and not --quiet."""
+
+    def prepare_start(self, images: int) -> None:
+        pass
+
+    def prepare_step(self, images: int) -> None:
+        pass
+
+    def prepare_end(self) -> None:
+        pass
 
     def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
         pass

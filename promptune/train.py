@@ -90,12 +90,24 @@ class TrainSummary:
 
 
 class Reporter(Protocol):
+    def prepare_start(self, images: int) -> None: ...
+    def prepare_step(self, images: int) -> None: ...
+    def prepare_end(self) -> None: ...
     def epoch_start(self, epoch: int, epochs: int, steps: int) -> None: ...
     def step(self, loss: float, acc: float, images_per_s: float) -> None: ...
     def epoch_end(self, stats: EpochStats) -> None: ...
 
 
 class SilentReporter:
+    def prepare_start(self, images: int) -> None:
+        pass
+
+    def prepare_step(self, images: int) -> None:
+        pass
+
+    def prepare_end(self) -> None:
+        pass
+
     def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
         pass
 

@@ -15,6 +15,8 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
+from promptune.train import SilentReporter
+
 TINY_CLIP_CONFIG = {
     "embed_dim": 32,
     "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
@@ -102,6 +104,22 @@ def shape_test_folder(tmp_path_factory) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ gradient checkpointing
+
+
+class PrepareRecorder(SilentReporter):
+    """A reporter that records the method's `prepare` pass: ("start", total), ("step", n)..., ("end", 0)."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, int]] = []
+
+    def prepare_start(self, images: int) -> None:
+        self.events.append(("start", images))
+
+    def prepare_step(self, images: int) -> None:
+        self.events.append(("step", images))
+
+    def prepare_end(self) -> None:
+        self.events.append(("end", 0))
 
 
 def train_steps(method, images: torch.Tensor, labels: torch.Tensor, optimizer, steps: int, batch: int = 12) -> None:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import promptune
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms
 
-from conftest import TINY_CLIP_CONFIG, assert_checkpointing_is_exact, make_clip_files, train_steps
+from conftest import TINY_CLIP_CONFIG, PrepareRecorder, assert_checkpointing_is_exact, make_clip_files, train_steps
 from promptune.artifact import PromptFile, load_prompt_file, save_prompt_file
 from promptune.backbones import load_backbone
 from promptune.data import prompt_name
@@ -362,3 +363,19 @@ def test_grad_checkpointing_gives_the_same_loss_and_gradients(backbone, train_se
     randomize_learned(sep, seed=1)
     blocks = len(backbone.model.visual.transformer.resblocks) + len(backbone.model.transformer.resblocks)
     assert_checkpointing_is_exact(sep, backbone.model, images[::4], labels[::4], checkpoint_calls, blocks)
+
+
+def test_the_class_mean_pass_reports_its_progress_and_coop_has_none(clip_files, shape_folder, tmp_path):
+    config, weights = clip_files
+    for method, reads in (("sep", True), ("coop", False)):
+        recorder, lines = PrepareRecorder(), []
+        promptune.tune(shape_folder, method=method, backbone=str(config), weights=str(weights), epochs=1, shots=4,
+                       batch_size=4, workers=0, device="cpu", out=tmp_path / f"{method}.safetensors", reporter=recorder,
+                       log=lines.append, checkpoint=False)
+        if not reads:
+            assert recorder.events == []
+            continue
+        total = 4 * 3  # 4 shots x 3 classes
+        steps = [n for kind, n in recorder.events if kind == "step"]
+        assert recorder.events[0] == ("start", total) and recorder.events[-1] == ("end", 0) and sum(steps) == total
+        assert f"initialising sep from {total} training images ..." in lines

@@ -6,6 +6,7 @@ import dataclasses
 import math
 from pathlib import Path
 
+import promptune
 import pytest
 import timm
 import torch
@@ -13,12 +14,14 @@ from torch import nn
 
 from promptune.artifact import PromptFile, load_prompt_file, save_prompt_file
 from promptune.backbones import Backbone, load_backbone
-from promptune.data import Batch, ImageDataset, ImageItem, Preprocess, build_transform, make_loader, scan_classes
+from promptune.data import (
+    Batch, ImageDataset, ImageItem, Preprocess, build_transform, load_training_data, make_loader, scan_classes,
+)
 from promptune.errors import MethodError, PromptFileError
 from promptune.methods import get_method
 from promptune.methods.spt import SPT, VPT, TokenReservoir, pool_windows
 from promptune.methods.vit_blocks import supports_span_skipping
-from conftest import assert_checkpointing_is_exact, loss_and_grads, make_shape_folder, make_vit_file, train_steps
+from conftest import PrepareRecorder, assert_checkpointing_is_exact, loss_and_grads, make_shape_folder, make_vit_file, train_steps
 
 CLASSES = ["a", "b", "c"]
 PREPROCESS = Preprocess(size=48, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
@@ -506,3 +509,26 @@ def test_grad_checkpointing_skips_a_linear_probe(vit, checkpoint_calls):
     assert not checkpoint_calls and torch.equal(loss_on, loss_off)
     assert grads_off["head.weight"] is not None and grads_off["prompts"] is None  # the empty prompt tensor is unused
     assert all(grads_on[k] is None if v is None else torch.equal(grads_on[k], v) for k, v in grads_off.items())
+
+
+# ------------------------------------------------------------------------------------------- prepare progress
+
+
+@pytest.mark.parametrize(("method", "options", "expected"), [
+    ("spt", {}, "all"), ("spt", {"init_images": 5}, 5), ("vpt", {}, 0),
+])
+def test_the_prototype_pass_reports_its_progress(vit_file, shape_folder, tmp_path, method, options, expected):
+    recorder = PrepareRecorder()
+    lines: list[str] = []
+    promptune.tune(shape_folder, method=method, backbone="test_vit", weights=str(vit_file), epochs=1, batch_size=4,
+                   workers=0, device="cpu", out=tmp_path / "p.safetensors", options=options, reporter=recorder,
+                   log=lines.append, checkpoint=False)
+    available = len(load_training_data(shape_folder, shots=None).train)
+    total = available if expected == "all" else expected
+    if total == 0:
+        assert recorder.events == [] and not any("initialising" in line for line in lines)
+        return
+    assert recorder.events[0] == ("start", total) and recorder.events[-1] == ("end", 0)
+    steps = [n for kind, n in recorder.events if kind == "step"]
+    assert sum(steps) == total and all(0 < n <= 4 for n in steps)
+    assert f"initialising {method} from {total} training images ..." in lines

@@ -40,6 +40,7 @@ class PromptMethod(nn.Module):
     Config: ClassVar[type]
     defaults: ClassVar[TrainDefaults] = TrainDefaults()
     description: ClassVar[str] = ""
+    prepare_progress: Callable[[int], None] | None = None  # told each prepared batch's image count (progress bars)
     grad_checkpointing: bool = False  # recompute each block's activations in backward (see set_grad_checkpointing)
 
     def __init__(self, backbone: Backbone, class_names: list[str], config: Any) -> None:
@@ -82,7 +83,16 @@ class PromptMethod(nn.Module):
         """Data-dependent initialisation before the first step (SPT prototypes, SEP class centres). No-op by default.
 
         `loader` yields `promptune.data.Batch` objects over the training images with the deterministic eval transform.
+        A method that reads images here overrides `prepare_images` and calls `_prepared(n)` after each batch.
         """
+
+    def prepare_images(self, available: int) -> int:
+        """How many of the `available` training images `prepare` will read (0: it reads none)."""
+        return 0
+
+    def _prepared(self, images: int) -> None:
+        if self.prepare_progress is not None:
+            self.prepare_progress(images)
 
     def training_loss(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, logits) for a training batch. Default: cross-entropy on `forward`."""

@@ -317,6 +317,9 @@ class SEP(ClipPromptMethod):
             loss = loss + config.proto_weight * proto
         return loss, logits
 
+    def prepare_images(self, available: int) -> int:
+        return available
+
     @torch.no_grad()
     def prepare(self, loader: Iterable, device: torch.device, seed: int) -> None:
         """Start the prototype classifier at the class means of the frozen image features (one pass, no grad)."""
@@ -329,6 +332,7 @@ class SEP(ClipPromptMethod):
             labels = batch.labels.to(sums.device)
             sums.index_add_(0, labels, features)
             counts.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float32))
+            self._prepared(labels.shape[0])
         seen = counts > 0
         means = sums[seen] / counts[seen].unsqueeze(-1)
         self.prototypes[seen] = F.normalize(means, dim=-1).to(self.prototypes.dtype)

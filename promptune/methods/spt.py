@@ -425,6 +425,7 @@ class SPT(PromptMethod):
                         tokens = pool_windows(tokens, self.config.pool_window, pool_mode)
                     reservoir.add(tokens.reshape(-1, tokens.shape[-1]))
                 images_used += images.shape[0]
+                self._prepared(images.shape[0])
                 if cap is not None and images_used >= cap:
                     break
         self.init_summary = {
@@ -435,6 +436,12 @@ class SPT(PromptMethod):
             "reservoir_bytes": sum(r.nbytes for r in reservoirs),
         }
         return reservoirs
+
+    def prepare_images(self, available: int) -> int:
+        if self.num_prompts == 0:
+            return 0
+        wanted = self.config.init_images
+        return available if wanted is None else min(wanted, available)
 
     def prepare(self, loader: Iterable, device: torch.device, seed: int) -> None:
         """Start every prompt set at token prototypes of the training images (see the module docstring).
@@ -458,7 +465,7 @@ class SPT(PromptMethod):
             raise MethodError(
                 f"SPT needs at least {count} {what} per layer to start {count} prompts, but the "
                 f"{self.init_summary['images']} training image(s) gave only {held}; "
-                f"lower prompts_per_layer or use more images."
+                f"lower --prompts-per-layer or use more images."
             )
         initial = []
         for layer, reservoir in enumerate(reservoirs):
@@ -504,6 +511,9 @@ class VPT(SPT):
     Config: ClassVar[type] = VPTConfig
     description: ClassVar[str] = "Visual Prompt Tuning: deep visual prompts from uniform noise + a linear head (timm ViT)."
     init_choices: ClassVar[tuple[str, ...]] = ("xavier",)
+
+    def prepare_images(self, available: int) -> int:
+        return 0
 
     def prepare(self, loader: Iterable, device: torch.device, seed: int) -> None:
         """Nothing to do: the prompts were drawn from U(-v, v) when the model was built."""
