@@ -28,6 +28,7 @@ from promptune.checkpoint import (
     save_checkpoint,
 )
 from promptune.data import (
+    Batch,
     EvalData,
     ImageDataset,
     ImageItem,
@@ -466,6 +467,7 @@ class TunedModel:
         self.preprocess = Preprocess.from_dict(prompt_file.preprocess)
         self.transform = build_transform(self.preprocess, train=False)
         self.on_warning: Callable[[str], None] = lambda message: warnings.warn(message, stacklevel=3)
+        self.on_progress: Callable[[int, int], None] | None = None  # (images done in this batch, images in all)
         self._warned: set[str] = set()
 
     @property
@@ -518,6 +520,7 @@ class TunedModel:
             k = min(top_k, len(names))
             self.method.eval()
             for batch in self._loader(items, batch_size, workers):
+                self._advance(batch, len(items))
                 for i in batch.failed:
                     problems.append(f"{items[i].path}: unreadable image ({unreadable_reason(items[i].path)}).")
                 if batch.labels.numel() == 0:
@@ -537,6 +540,7 @@ class TunedModel:
         baseline = self._zero_shot(names) if zero_shot and self.backbone.family == "clip" else None
         all_logits, all_zs, all_labels, all_index, skipped = [], [], [], [], []
         for batch in self._loader(data.items, batch_size, workers):
+            self._advance(batch, len(data.items))
             skipped += [str(data.items[i].path) for i in batch.failed]
             if batch.labels.numel() == 0:
                 continue
@@ -569,6 +573,10 @@ class TunedModel:
             if zs_logits is not None:
                 report.zero_shot_base_new = BaseNew.compute(zs_logits, labels, base, new)
         return report
+
+    def _advance(self, batch: Batch, total: int) -> None:
+        if self.on_progress is not None:
+            self.on_progress(int(batch.labels.numel()) + len(batch.failed), total)
 
     def _eval_classes(self, folder_classes: list[str]) -> tuple[list[str], dict[int, int]]:
         """Class list to classify into, and folder label -> column."""

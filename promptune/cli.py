@@ -126,6 +126,41 @@ class ProgressReporter:
             self.progress.stop()
 
 
+class ImageProgress:
+    """A transient bar over the images of `eval` / `predict` (only used on a TTY); fed by `TunedModel.on_progress`."""
+
+    def __init__(self, label: str) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        console = Console(stderr=True, no_color=bool(os.environ.get("NO_COLOR")))
+        self.bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
+                            TimeRemainingColumn(), console=console, transient=True)
+        self.task = None
+
+    def __call__(self, images: int, total: int) -> None:
+        if self.task is None:
+            self.bar.start()
+            self.task = self.bar.add_task("images", total=total)
+        self.bar.update(self.task, advance=images)
+
+    def close(self) -> None:
+        if self.task is not None:
+            self.bar.stop()
+
+
+def _with_progress(model, quiet: bool, label: str, run: Callable[[], Any]) -> Any:
+    """`run()` (through `_guarded`) with an image progress bar on a TTY unless --quiet."""
+    progress = ImageProgress(label) if _show_progress(quiet) else None
+    model.on_progress = progress
+    try:
+        return _guarded(run)
+    finally:
+        model.on_progress = None
+        if progress is not None:
+            progress.close()
+
+
 class LineReporter:
     """One line per epoch on stderr when there is no TTY (logs, CI) and not --quiet."""
 
@@ -263,7 +298,7 @@ def evaluate(
     zero_shot: Annotated[bool, typer.Option("--zero-shot/--no-zero-shot", help="Also report zero-shot CLIP ('a photo of a {}.') for comparison.")] = True,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     report_dir: Annotated[Optional[Path], typer.Option("--report", help="Write metrics.json, per_class.csv, confusion.png and misclassified.csv here.", show_default=False)] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No header line.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No header line, no progress bar.")] = False,
 ) -> None:
     """Accuracy of a prompt file on a labelled folder: top-1, top-5, per class, and zero-shot CLIP for comparison."""
     from promptune.api import check_loader_options
@@ -276,7 +311,7 @@ def evaluate(
     model = _load(prompts, backbone, weights, device, precision)
     if not quiet:
         _warn(model.describe())
-    report = _guarded(lambda: model.evaluate(data_dir, batch_size=batch_size, zero_shot=zero_shot, workers=workers))
+    report = _with_progress(model, quiet, "evaluating", lambda: model.evaluate(data_dir, batch_size=batch_size, zero_shot=zero_shot, workers=workers))
     for path in report.skipped:
         _warn(f"warning: skipped unreadable image {path} ({report.skip_reasons.get(path, 'unreadable')})")
     if report_dir is not None:
@@ -336,7 +371,7 @@ def predict(
     workers: Annotated[Optional[int], typer.Option(help="Data-loading worker processes.", show_default=False)] = None,
     json_output: Annotated[bool, typer.Option("--json", help="JSON lines: one object per image.")] = False,
     csv_output: Annotated[bool, typer.Option("--csv", help="CSV: path, rank, label, probability.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No header line.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No header line, no progress bar.")] = False,
 ) -> None:
     """Top-k classes for each image. CLIP prompt files also accept class names never trained (--classes)."""
     from promptune.api import check_predict_options
@@ -348,7 +383,9 @@ def predict(
     model = _load(prompts, backbone, weights, device, precision)
     if not quiet:
         _warn(model.describe())
-    predictions, problems = _guarded(lambda: model.predict(paths, top_k=top_k, classes=names, batch_size=batch_size, workers=workers))
+    predictions, problems = _with_progress(
+        model, quiet, "predicting", lambda: model.predict(paths, top_k=top_k, classes=names, batch_size=batch_size, workers=workers)
+    )
     if csv_output:
         import csv
 

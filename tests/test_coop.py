@@ -158,6 +158,20 @@ def test_class_names_too_long_for_the_text_context_are_named_once(model):
     model.set_classes(None)
 
 
+def test_eval_and_predict_report_progress_over_every_image(model, shape_test_folder, tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    seen: list[tuple[int, int]] = []
+    model.on_progress = lambda images, total: seen.append((images, total))
+    report = model.evaluate(shape_test_folder, batch_size=7, zero_shot=False, workers=0)
+    assert sum(n for n, _ in seen) == report.n_images and {t for _, t in seen} == {report.n_images}
+    seen.clear()
+    paths = [str(shape_test_folder / "red_square"), str(broken)]
+    predictions, problems = model.predict(paths, batch_size=4, workers=0)
+    assert len(problems) == 1 and sum(n for n, _ in seen) == len(predictions) + 1  # the unreadable one counts too
+    assert {t for _, t in seen} == {len(predictions) + 1}
+
+
 def test_text_features_are_cached_at_eval(model, shape_test_folder):
     method = model.method
     method.eval()
