@@ -49,8 +49,8 @@ from promptune.methods import get_method, resolve_method_name
 from promptune.methods.base import PromptMethod
 from promptune.metrics import BaseNew, confusion_matrix, per_class_accuracy, topk_accuracy
 from promptune.stop import RunInterrupted, StopSignals, signal_name
+from promptune.reporting import Reporter
 from promptune.train import (
-    Reporter,
     Trainer,
     TrainConfig,
     TrainingStopped,

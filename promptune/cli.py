@@ -13,6 +13,7 @@ import typer
 
 from promptune import __version__
 from promptune.errors import PromptuneError
+from promptune.reporting import SilentReporter
 from promptune.stop import RunInterrupted
 
 app = typer.Typer(
@@ -161,23 +162,8 @@ def _with_progress(model, quiet: bool, label: str, run: Callable[[], Any]) -> An
             progress.close()
 
 
-class LineReporter:
+class LineReporter(SilentReporter):
     """One line per epoch on stderr when there is no TTY (logs, CI) and not --quiet."""
-
-    def prepare_start(self, images: int) -> None:
-        pass
-
-    def prepare_step(self, images: int) -> None:
-        pass
-
-    def prepare_end(self) -> None:
-        pass
-
-    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
-        pass
-
-    def step(self, loss: float, acc: float, images_per_s: float) -> None:
-        pass
 
     def epoch_end(self, stats) -> None:
         val = f", val acc {stats.val_acc:.1%}" if stats.val_acc is not None else ""

@@ -7,7 +7,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -16,6 +16,7 @@ from promptune.data import Batch, derive_seed
 from promptune.devices import autocast
 from promptune.errors import MethodError
 from promptune.methods.base import PromptMethod
+from promptune.reporting import Reporter, SilentReporter
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 
@@ -87,35 +88,6 @@ class TrainSummary:
             seconds=state["seconds"],
             skipped_images=state["skipped_images"],
         )
-
-
-class Reporter(Protocol):
-    def prepare_start(self, images: int) -> None: ...
-    def prepare_step(self, images: int) -> None: ...
-    def prepare_end(self) -> None: ...
-    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None: ...
-    def step(self, loss: float, acc: float, images_per_s: float) -> None: ...
-    def epoch_end(self, stats: EpochStats) -> None: ...
-
-
-class SilentReporter:
-    def prepare_start(self, images: int) -> None:
-        pass
-
-    def prepare_step(self, images: int) -> None:
-        pass
-
-    def prepare_end(self) -> None:
-        pass
-
-    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
-        pass
-
-    def step(self, loss: float, acc: float, images_per_s: float) -> None:
-        pass
-
-    def epoch_end(self, stats: EpochStats) -> None:
-        pass
 
 
 def seed_everything(seed: int) -> None:

@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
-from promptune.train import SilentReporter
+from promptune.reporting import SilentReporter
 
 TINY_CLIP_CONFIG = {
     "embed_dim": 32,

@@ -17,7 +17,8 @@ from safetensors import safe_open
 from promptune.api import tune
 from promptune.checkpoint import INDEX_NAME, CheckpointError, default_checkpoint_dir, has_checkpoint
 from promptune.stop import RunInterrupted, StopSignals
-from promptune.train import SilentReporter, Trainer, TrainConfig
+from promptune.reporting import SilentReporter
+from promptune.train import Trainer, TrainConfig
 
 from conftest import make_shape_folder
 
