@@ -55,7 +55,7 @@ def has_checkpoint(folder: Path) -> bool:
 def save_checkpoint(folder: Path, checkpoint: Checkpoint) -> Path:
     """Write `checkpoint` into `folder` (created if needed) so that a crash at any point leaves a whole checkpoint."""
     try:
-        folder.mkdir(exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
         position = checkpoint.trainer["epoch"], checkpoint.trainer["progress"]["step"]
         state_path = folder / f"state-e{position[0]:04d}-s{position[1]:06d}-{secrets.token_hex(4)}.safetensors"
         tensors = {name: t.detach().to("cpu").contiguous() for name, t in checkpoint.tensors.items()}
