@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -142,6 +143,14 @@ def _train_config(cls: type[PromptMethod], epochs, lr, batch_size, weight_decay,
     )
 
 
+def _writable(folder: Path) -> bool:
+    """Could `folder` be written (or created under its nearest existing parent)?"""
+    existing = folder.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    return os.access(existing, os.W_OK | os.X_OK)
+
+
 def _check_checkpoint_request(folder: Path, checkpoint: bool, resume: bool) -> None:
     """Refuse early what cannot work, before any image is scanned or weights are loaded."""
     if folder.exists() and not folder.is_dir():
@@ -150,6 +159,10 @@ def _check_checkpoint_request(folder: Path, checkpoint: bool, resume: bool) -> N
         raise CheckpointError("--resume needs the run's checkpoint; drop --no-checkpoint.")
     if resume and not has_checkpoint(folder):
         raise CheckpointError(f"Nothing to resume: there is no checkpoint in '{folder}'.")
+    if checkpoint and not _writable(folder):
+        raise CheckpointError(
+            f"Cannot write checkpoints in '{folder}' (permission denied); pass --checkpoint-dir DIR or --no-checkpoint."
+        )
     if not resume and checkpoint and has_checkpoint(folder):
         raise CheckpointError(
             f"'{folder}' holds the checkpoint of an unfinished run; add --resume to continue it, or delete that folder "

@@ -148,6 +148,23 @@ def test_resume_and_checkpoint_mistakes(small_folder, vit_file, tmp_path):
         tune(small_folder, out=out, checkpoint_dir=folder, resume=True, **options)
 
 
+def test_an_unwritable_checkpoint_folder_is_refused_before_training(small_folder, vit_file, tmp_path, monkeypatch):
+    import promptune.api
+
+    target = tmp_path / "locked" / "nested"
+    asked: list[Path] = []
+
+    def no_write(path, mode):
+        asked.append(Path(path))
+        return False
+
+    monkeypatch.setattr(promptune.api.os, "access", no_write)
+    with pytest.raises(CheckpointError, match=r"Cannot write checkpoints in .*pass --checkpoint-dir DIR or --no-checkpoint"):
+        tune(small_folder, out=tmp_path / "p.safetensors", checkpoint_dir=target, **_options("spt", None, vit_file))
+    assert asked == [tmp_path]  # the nearest folder that exists is the one that decides
+    assert list(tmp_path.iterdir()) == []  # refused before anything was written
+
+
 def test_no_checkpoint_writes_none(small_folder, vit_file, tmp_path):
     out = tmp_path / "p.safetensors"
     with pytest.raises(RunInterrupted, match=r"nothing was saved"):
