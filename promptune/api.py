@@ -260,10 +260,9 @@ def tune(
     """
     _check_positive("--shots", shots)
     _check_positive("--epochs", epochs, 1, 100_000)
-    _check_positive("--batch-size", batch_size, 1, 65_536)
+    check_loader_options(batch_size, workers)
     _check_positive("--lr", lr, 1e-12, 100.0)
     _check_positive("--weight-decay", weight_decay, 0.0, 100.0)
-    _check_positive("--workers", workers, 0, 256)
     _check_positive("--seed", seed, 0, 2**64 - 1)  # torch seeds are unsigned 64-bit
     out = Path(out)
     _check_output(out)

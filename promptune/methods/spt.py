@@ -362,10 +362,14 @@ class SPT(PromptMethod):
         act only through attention, as in VPT. The authors' MAE code also averages the prompts in; then the feature
         would depend on P and on the prompts' own scale instead of the image's tokens.
         """
-        return self.vit.fc_norm(self.vit.pool(self._without_prompts(features)))
+        return self._pool_image_tokens(self._without_prompts(features))
+
+    def _pool_image_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, prefix + patches, D) -> (B, D) with the backbone's own pooling and `fc_norm`."""
+        return self.vit.fc_norm(self.vit.pool(tokens))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.vit.fc_norm(self.vit.pool(self.image_tokens(images))))
+        return self.head(self._pool_image_tokens(self.image_tokens(images)))
 
     # ----- prototype init ------------------------------------------------------------------------------------------
     def _collected_layers(self) -> int:
