@@ -75,35 +75,58 @@ def main_options(
     """promptune: prompt-tune CLIP (SEP, CoOp) or ViT (SPT, VPT) backbones on a folder of images."""
 
 
-class ProgressReporter:
-    """A rich progress bar per epoch on stderr (only used on a TTY)."""
+def _stderr_console():
+    from rich.console import Console
 
-    def __init__(self) -> None:
-        from rich.console import Console
+    return Console(stderr=True, no_color=bool(os.environ.get("NO_COLOR")))
+
+
+class ImageProgress:
+    """A transient bar over images on stderr (only used on a TTY): `eval` / `predict` feed it through
+    `TunedModel.on_progress`, `tune` through its reporter's `prepare_*` events."""
+
+    def __init__(self, label: str) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        console = Console(stderr=True, no_color=bool(os.environ.get("NO_COLOR")))
+        self.bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
+                            TimeRemainingColumn(), console=_stderr_console(), transient=True)
+        self.task = None
+
+    def __call__(self, images: int, total: int) -> None:
+        if self.task is None:
+            self.bar.start()
+            self.task = self.bar.add_task("images", total=total)
+        self.bar.update(self.task, advance=images)
+
+    def close(self) -> None:
+        if self.task is not None:
+            self.bar.stop()
+
+
+class ProgressReporter:
+    """A rich progress bar per epoch on stderr (only used on a TTY), and one over the images of a method's prepare."""
+
+    def __init__(self) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
         self.progress = Progress(
             TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]:.3f}  acc {task.fields[acc]:.1%}  {task.fields[ips]:.0f} img/s"),
-            TimeRemainingColumn(), console=console, transient=True,
+            TimeRemainingColumn(), console=_stderr_console(), transient=True,
         )
         self.task = None
-        self.prepare_bar = Progress(
-            TextColumn("initialising"), BarColumn(), MofNCompleteColumn(), TextColumn("images"), TimeRemainingColumn(),
-            console=console, transient=True,
-        )
-        self.prepare_task = None
+        self.preparing = ImageProgress("initialising")
+        self.prepare_total = 0
 
     def prepare_start(self, images: int) -> None:
-        self.prepare_bar.start()
-        self.prepare_task = self.prepare_bar.add_task("prepare", total=images)
+        self.prepare_total = images
+        self.preparing(0, images)  # shown from the start, before the first batch is decoded
 
     def prepare_step(self, images: int) -> None:
-        self.prepare_bar.update(self.prepare_task, advance=images)
+        self.preparing(images, self.prepare_total)
 
     def prepare_end(self) -> None:
-        self.prepare_bar.stop()
+        self.preparing.close()
 
     def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
         if self.task is None:
@@ -125,29 +148,6 @@ class ProgressReporter:
     def close(self) -> None:
         if self.task is not None:
             self.progress.stop()
-
-
-class ImageProgress:
-    """A transient bar over the images of `eval` / `predict` (only used on a TTY); fed by `TunedModel.on_progress`."""
-
-    def __init__(self, label: str) -> None:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        console = Console(stderr=True, no_color=bool(os.environ.get("NO_COLOR")))
-        self.bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
-                            TimeRemainingColumn(), console=console, transient=True)
-        self.task = None
-
-    def __call__(self, images: int, total: int) -> None:
-        if self.task is None:
-            self.bar.start()
-            self.task = self.bar.add_task("images", total=total)
-        self.bar.update(self.task, advance=images)
-
-    def close(self) -> None:
-        if self.task is not None:
-            self.bar.stop()
 
 
 def _with_progress(model, quiet: bool, label: str, run: Callable[[], Any]) -> Any:
