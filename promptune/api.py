@@ -543,8 +543,7 @@ class TunedModel:
                 f"{len(pf.class_names)} classes, trained on {trained}, {when}")
         if evaluating is None:
             return line
-        where = "the whole folder" if evaluating.split == "all" else f"{evaluating.split}/"
-        return (f"{line}; evaluating {len(evaluating.items)} images of {where} '{evaluating.root}', "
+        return (f"{line}; evaluating {len(evaluating.items)} images in '{evaluating.root}', "
                 f"{self._overlap_note(evaluating.class_names)}")
 
     def _overlap_note(self, folder_classes: list[str]) -> str:

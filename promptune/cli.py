@@ -271,9 +271,6 @@ def _pct(value: Optional[float], decimals: int = 1) -> str:
     return "n/a" if value is None else f"{value:.{decimals}%}"
 
 
-SPLIT_NAMES = {"test": "test/", "val": "val/ (no test/)", "all": "the whole folder"}
-
-
 @app.command("eval")
 def evaluate(
     data_dir: Annotated[Path, typer.Argument(help="Folder with one sub-folder of images per class (test/ used when present).", show_default=False, metavar="DATA_DIR")],
@@ -292,7 +289,7 @@ def evaluate(
     """Accuracy of a prompt file on a labelled folder: top-1, balanced accuracy, the majority-class baseline, top-5
     (more than 5 classes), per class, and zero-shot CLIP for comparison."""
     from promptune.api import check_loader_options
-    from promptune.data import load_eval_data
+    from promptune.data import SPLIT_LABELS, load_eval_data
 
     _guarded(lambda: check_loader_options(batch_size, workers))
     if report_dir is not None:
@@ -316,7 +313,7 @@ def evaluate(
     if json_output:
         typer.echo(json.dumps(report.to_dict()))
         return
-    typer.echo(f"evaluated: {SPLIT_NAMES[report.split]}   images: {report.n_images}   classes: {len(report.class_names)}")
+    typer.echo(f"evaluated: {SPLIT_LABELS[report.split]}   images: {report.n_images}   classes: {len(report.class_names)}")
     top5 = f"   top-5: {report.top5:.2%}" if report.top5 is not None else ""
     typer.echo(f"top-1: {report.top1:.2%}   balanced: {_pct(report.balanced_accuracy, 2)}{top5}   "
                f"(majority-class baseline: {_pct(report.majority_baseline, 2)})")

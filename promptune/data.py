@@ -555,6 +555,9 @@ def _held_out_count(n_valid: int, val_fraction: float) -> int:
     return min(max(1, round(val_fraction * n_valid)), n_valid - 1)
 
 
+SPLIT_LABELS = {"test": "test/", "val": "val/ (no test/)", "all": "the whole folder"}  # EvalData.split, for people
+
+
 def load_eval_data(data_dir: Path) -> EvalData:
     """The images to evaluate on: test/ of a split folder, else val/, else the whole folder (decoded lazily)."""
     data_dir = Path(data_dir)

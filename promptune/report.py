@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 from PIL import Image, ImageDraw
 
+from promptune.data import SPLIT_LABELS
 from promptune.errors import PromptuneError
 from promptune.fileio import atomic_write
 from promptune.fonts import drawable, font_for
@@ -140,9 +141,8 @@ def _write_csv(path: Path, fieldnames: list[str], rows: list[dict[str, object]])
 
 def confusion_title(report: "EvalReport", header: dict[str, object]) -> str:
     """The prompt file, top-1 and what was evaluated, e.g. 'prompts.safetensors: top-1 72.0% on test/ (100 images)'."""
-    where = "the whole folder" if report.split == "all" else f"{report.split}/"
     name = Path(str(header["prompt_file"])).name if header.get("prompt_file") else "prompts"
-    return f"{name}: top-1 {report.top1:.1%} on {where} ({report.n_images} images)"
+    return f"{name}: top-1 {report.top1:.1%} on {SPLIT_LABELS[report.split]} ({report.n_images} images)"
 
 
 def write_report(report: "EvalReport", folder: str | Path, header: dict[str, object]) -> list[Path]:
