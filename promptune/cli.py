@@ -306,7 +306,7 @@ def evaluate(
     if report_dir is not None:
         from promptune.report import write_report
 
-        header = {"prompt_file": str(prompts), "description": model.describe()}
+        header = {"prompt_file": str(prompts), "description": model.describe(evaluating=data)}
         written = _guarded(lambda: write_report(report, report_dir, header))
         if not quiet:
             _warn(f"report written to {report_dir}/ ({', '.join(p.name for p in written)})")
