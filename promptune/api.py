@@ -407,7 +407,7 @@ class Prediction:
         return {"path": self.path, "predictions": [{"label": l, "probability": rounded(p)} for l, p in zip(self.labels, self.probabilities)]}
 
 
-@dataclass(repr=False)
+@dataclass
 class EvalReport:
     class_names: list[str]  # the classes classified into (columns of `confusion`)
     n_images: int
