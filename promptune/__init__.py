@@ -1,6 +1,7 @@
 """promptune: adapt a frozen CLIP or ViT backbone to your own image classes by prompt tuning."""
 
 __version__ = "0.1.0"
+DISTRIBUTION = "promptune-vision"  # the PyPI name: `promptune` there is another project
 
 from promptune.errors import PromptuneError  # noqa: E402
 

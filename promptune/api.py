@@ -48,7 +48,16 @@ from promptune.devices import autocast, configure_backend, resolve_device, resol
 from promptune.errors import BackboneError, DataError, MethodError, PromptFileError, PromptuneError
 from promptune.methods import get_method, resolve_method_name
 from promptune.methods.base import PromptMethod
-from promptune.metrics import BaseNew, confusion_matrix, per_class_accuracy, topk_accuracy
+from promptune.metrics import (
+    BaseNew,
+    balanced_accuracy,
+    confusion_matrix,
+    majority_baseline,
+    per_class_accuracy,
+    rounded,
+    top5_accuracy,
+    topk_accuracy,
+)
 from promptune.stop import RunInterrupted, StopSignals, signal_name
 from promptune.reporting import Reporter
 from promptune.train import (
@@ -82,6 +91,15 @@ class TuneResult:
     summary: TrainSummary
     device: str
     cpu_threads: int
+
+    def __repr__(self) -> str:
+        """Counts and final figures only: never every epoch, class or skipped file."""
+        final = self.summary.final
+        return (f"TuneResult(path={str(self.path)!r}, method={self.method!r}, backbone={self.backbone!r}, "
+                f"classes={len(self.class_names)}, train_images={sum(self.train_per_class.values())}, "
+                f"val_images={self.val_images}, epochs={len(self.summary.epochs)}, "
+                f"final_train_acc={rounded(final.train_acc if final else None, 4)}, "
+                f"best_val_acc={rounded(self.summary.best_val_acc, 4)}, skipped={len(self.skipped)})")
 
 
 def _check_positive(name: str, value: float | int | None, minimum: float = 1, maximum: float | None = None) -> None:
@@ -385,41 +403,69 @@ class Prediction:
     probabilities: list[float]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "predictions": [{"label": l, "probability": round(p, 6)} for l, p in zip(self.labels, self.probabilities)]}
+        """Probabilities rounded like every JSON float promptune writes (`metrics.rounded`)."""
+        return {"path": self.path, "predictions": [{"label": l, "probability": rounded(p)} for l, p in zip(self.labels, self.probabilities)]}
 
 
 @dataclass
 class EvalReport:
-    class_names: list[str]
+    class_names: list[str]  # the classes classified into (columns of `confusion`)
     n_images: int
     top1: float
-    top5: float
+    top5: float | None  # None with 5 classes or fewer, where the true class is always among the top 5
     per_class: dict[str, float | None]
-    confusion: list[list[int]]
+    confusion: list[list[int]]  # (true, predicted) counts
     zero_shot_top1: float | None = None
     base_new: BaseNew | None = None
     zero_shot_base_new: BaseNew | None = None
     skipped: list[str] = field(default_factory=list)
     skip_reasons: dict[str, str] = field(default_factory=dict)  # skipped path -> why it could not be decoded
     misclassified: list[dict[str, str]] = field(default_factory=list)
+    zero_shot_balanced_accuracy: float | None = None
+    split: str = "all"  # the images evaluated: "test" (test/), "val" (val/, no test/) or "all" (the whole folder)
+    new_classes: list[str] = field(default_factory=list)  # evaluated classes the prompt file was not trained on
+
+    @property
+    def balanced_accuracy(self) -> float | None:
+        """Mean per-class recall: low when a model answers the big classes only, however high top-1 is."""
+        return balanced_accuracy(torch.tensor(self.confusion))
+
+    @property
+    def majority_baseline(self) -> float | None:
+        """Top-1 of always answering the most frequent class: what top-1 has to beat."""
+        return majority_baseline(torch.tensor(self.confusion))
+
+    def __repr__(self) -> str:
+        """Headline figures and counts only: never the per-class table, the matrix or every misclassified path."""
+        figures = {"top1": self.top1, "balanced_accuracy": self.balanced_accuracy, "top5": self.top5,
+                   "majority_baseline": self.majority_baseline, "zero_shot_top1": self.zero_shot_top1}
+        shown = ", ".join(f"{name}={rounded(value, 4)}" for name, value in figures.items() if value is not None)
+        return (f"EvalReport(split={self.split!r}, n_images={self.n_images}, n_classes={len(self.class_names)}, "
+                f"{shown}, misclassified={len(self.misclassified)}, skipped={len(self.skipped)})")
 
     def to_dict(self) -> dict[str, Any]:
+        """Everything `eval --json` prints and metrics.json holds; floats rounded (`metrics.rounded`)."""
         result: dict[str, Any] = {
+            "split": self.split,
             "n_images": self.n_images,
             "n_classes": len(self.class_names),
             "top1": self.top1,
+            "balanced_accuracy": self.balanced_accuracy,
+            "majority_baseline": self.majority_baseline,
             "top5": self.top5,
             "per_class": self.per_class,
+            "new_classes": self.new_classes,
         }
         if self.zero_shot_top1 is not None:
-            result["zero_shot_top1"] = self.zero_shot_top1
+            result.update(zero_shot_top1=self.zero_shot_top1,
+                          zero_shot_balanced_accuracy=self.zero_shot_balanced_accuracy)
         if self.base_new is not None:
             result.update(base_top1=self.base_new.base, new_top1=self.base_new.new, hm=self.base_new.hm)
         if self.zero_shot_base_new is not None:
             zs = self.zero_shot_base_new
             result.update(zero_shot_base_top1=zs.base, zero_shot_new_top1=zs.new, zero_shot_hm=zs.hm)
         result["skipped"] = self.skipped
-        return result
+        return rounded(result)
 
 
 def check_predict_options(top_k: int, batch_size: int, workers: int | None) -> None:
@@ -486,13 +532,32 @@ class TunedModel:
     def trained_classes(self) -> list[str]:
         return self.prompt_file.class_names
 
-    def describe(self) -> str:
+    def describe(self, evaluating: EvalData | None = None) -> str:
+        """One line on the prompt file; with `evaluating`, also which images are evaluated and how many of their
+        classes were trained (for CLIP prompt files, a folder may hold only new ones)."""
         pf = self.prompt_file
         t = pf.training
         trained = f"{t.get('train_images', '?')} images of '{t.get('data_dir', '?')}'"
         when = t.get("finished_at", "unknown date")
-        return (f"{pf.method} prompts on {pf.backbone.get('name')} ({pf.backbone.get('weights')}), "
+        line = (f"{pf.method} prompts on {pf.backbone.get('name')} ({pf.backbone.get('weights')}), "
                 f"{len(pf.class_names)} classes, trained on {trained}, {when}")
+        if evaluating is None:
+            return line
+        return (f"{line}; evaluating {len(evaluating.items)} images in '{evaluating.root}', "
+                f"{self._overlap_note(evaluating.class_names)}")
+
+    def _overlap_note(self, folder_classes: list[str]) -> str:
+        new = self._new_classes(folder_classes)
+        count = f"{len(folder_classes)} class{'es' if len(folder_classes) != 1 else ''}"
+        if not new:
+            return f"{count}, all trained"
+        if len(new) == len(folder_classes):
+            return f"{count}, none of them trained (all new)"
+        return f"{count}: {len(folder_classes) - len(new)} trained, {len(new)} new"
+
+    def _new_classes(self, folder_classes: list[str]) -> list[str]:
+        trained = set(self.trained_classes)
+        return [name for name in folder_classes if name not in trained]
 
     def set_classes(self, class_names: Sequence[str] | None) -> list[str]:
         names = list(class_names) if class_names else self.trained_classes
@@ -544,9 +609,12 @@ class TunedModel:
                                                   top.values[row].tolist()))
         return predictions, problems
 
-    def evaluate(self, data_dir: str | Path, batch_size: int = 64, zero_shot: bool = True, workers: int | None = None) -> EvalReport:
+    def evaluate(self, data_dir: str | Path | EvalData, batch_size: int = 64, zero_shot: bool = True,
+                 workers: int | None = None) -> EvalReport:
+        """Accuracy on a labelled folder (its test/, else val/, else the whole folder), or on `load_eval_data`'s
+        result for that folder."""
         check_loader_options(batch_size, workers)
-        data: EvalData = load_eval_data(Path(data_dir))
+        data = data_dir if isinstance(data_dir, EvalData) else load_eval_data(Path(data_dir))
         names, labels_map = self._eval_classes(data.class_names)
         self.method.eval()
         baseline = self._zero_shot(names) if zero_shot and self.backbone.family == "clip" else None
@@ -563,21 +631,24 @@ class TunedModel:
             all_labels.append(torch.tensor([labels_map[int(l)] for l in batch.labels]))
             all_index += batch.indices.tolist()
         if not all_labels:
-            raise DataError(f"No readable images to evaluate in '{data_dir}'.")
+            raise DataError(f"No readable images to evaluate in '{data.root}'.")
         logits, labels = torch.cat(all_logits), torch.cat(all_labels)
         predicted = logits.argmax(dim=1)
         confusion = confusion_matrix(predicted, labels, len(names))
         report = EvalReport(
             class_names=names, n_images=int(labels.numel()), top1=topk_accuracy(logits, labels, 1),
-            top5=topk_accuracy(logits, labels, 5), per_class=per_class_accuracy(confusion, names),
+            top5=top5_accuracy(logits, labels), per_class=per_class_accuracy(confusion, names),
             confusion=confusion.tolist(), skipped=skipped,
             skip_reasons={path: unreadable_reason(Path(path)) for path in skipped},
             misclassified=[{"path": str(data.items[i].path), "true": names[int(t)], "predicted": names[int(p)]}
                            for i, t, p in zip(all_index, labels, predicted) if t != p],
+            split=data.split, new_classes=self._new_classes(data.class_names),
         )
         zs_logits = torch.cat(all_zs) if all_zs else None
         if zs_logits is not None:
             report.zero_shot_top1 = topk_accuracy(zs_logits, labels, 1)
+            report.zero_shot_balanced_accuracy = balanced_accuracy(
+                confusion_matrix(zs_logits.argmax(dim=1), labels, len(names)))
         base = [i for i, n in enumerate(names) if n in self.trained_classes]
         new = [i for i, n in enumerate(names) if n not in self.trained_classes]
         if base and new:

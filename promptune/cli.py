@@ -11,7 +11,7 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 
-from promptune import __version__
+from promptune import DISTRIBUTION, __version__
 from promptune.errors import PromptuneError
 from promptune.reporting import SilentReporter
 from promptune.stop import RunInterrupted
@@ -64,7 +64,7 @@ def _show_progress(quiet: bool) -> bool:
 
 def _version(value: bool) -> None:
     if value:
-        typer.echo(f"promptune {__version__}")
+        typer.echo(f"promptune {__version__} (PyPI package {DISTRIBUTION})")
         raise typer.Exit()
 
 
@@ -267,8 +267,8 @@ def _load(prompts: Path, backbone: Optional[str], weights: Optional[str], device
     return model
 
 
-def _pct(value: Optional[float]) -> str:
-    return "n/a" if value is None else f"{value:.1%}"
+def _pct(value: Optional[float], decimals: int = 1) -> str:
+    return "n/a" if value is None else f"{value:.{decimals}%}"
 
 
 @app.command("eval")
@@ -286,34 +286,40 @@ def evaluate(
     report_dir: Annotated[Optional[Path], typer.Option("--report", help="Write metrics.json, per_class.csv, confusion.png and misclassified.csv here.", show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No header line, no progress bar.")] = False,
 ) -> None:
-    """Accuracy of a prompt file on a labelled folder: top-1, top-5, per class, and zero-shot CLIP for comparison."""
+    """Accuracy of a prompt file on a labelled folder: top-1, balanced accuracy, the majority-class baseline, top-5
+    (more than 5 classes), per class, and zero-shot CLIP for comparison."""
     from promptune.api import check_loader_options
+    from promptune.data import SPLIT_LABELS, load_eval_data
 
     _guarded(lambda: check_loader_options(batch_size, workers))
     if report_dir is not None:
         from promptune.report import prepare_report_dir
 
         _guarded(lambda: prepare_report_dir(report_dir))
+    data = _guarded(lambda: load_eval_data(data_dir))  # a wrong folder fails before the backbone loads
     model = _load(prompts, backbone, weights, device, precision)
     if not quiet:
-        _warn(model.describe())
-    report = _with_progress(model, quiet, "evaluating", lambda: model.evaluate(data_dir, batch_size=batch_size, zero_shot=zero_shot, workers=workers))
+        _warn(model.describe(evaluating=data))
+    report = _with_progress(model, quiet, "evaluating", lambda: model.evaluate(data, batch_size=batch_size, zero_shot=zero_shot, workers=workers))
     for path in report.skipped:
         _warn(f"warning: skipped unreadable image {path} ({report.skip_reasons.get(path, 'unreadable')})")
     if report_dir is not None:
         from promptune.report import write_report
 
-        header = {"prompt_file": str(prompts), "description": model.describe()}
+        header = {"prompt_file": str(prompts), "description": model.describe(evaluating=data)}
         written = _guarded(lambda: write_report(report, report_dir, header))
         if not quiet:
             _warn(f"report written to {report_dir}/ ({', '.join(p.name for p in written)})")
     if json_output:
         typer.echo(json.dumps(report.to_dict()))
         return
-    typer.echo(f"images: {report.n_images}   classes: {len(report.class_names)}")
-    typer.echo(f"top-1: {report.top1:.2%}   top-5: {report.top5:.2%}")
+    typer.echo(f"evaluated: {SPLIT_LABELS[report.split]}   images: {report.n_images}   classes: {len(report.class_names)}")
+    top5 = f"   top-5: {report.top5:.2%}" if report.top5 is not None else ""
+    typer.echo(f"top-1: {report.top1:.2%}   balanced: {_pct(report.balanced_accuracy, 2)}{top5}   "
+               f"(majority-class baseline: {_pct(report.majority_baseline, 2)})")
     if report.zero_shot_top1 is not None:
-        typer.echo(f"zero-shot CLIP top-1: {report.zero_shot_top1:.2%}")
+        typer.echo(f"zero-shot CLIP top-1: {report.zero_shot_top1:.2%}   "
+                   f"balanced: {_pct(report.zero_shot_balanced_accuracy, 2)}")
     if report.base_new is not None:
         bn, zs = report.base_new, report.zero_shot_base_new
         typer.echo(f"base: {_pct(bn.base)}   new: {_pct(bn.new)}   HM: {_pct(bn.hm)}")

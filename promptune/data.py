@@ -405,6 +405,8 @@ class EvalData:
     class_names: list[str]
     items: list[ImageItem]
     layout: str
+    root: Path  # the folder whose class sub-folders were read
+    split: str  # which images these are: "test" (test/), "val" (val/, no test/) or "all" (the whole folder)
 
 
 @dataclass
@@ -553,23 +555,27 @@ def _held_out_count(n_valid: int, val_fraction: float) -> int:
     return min(max(1, round(val_fraction * n_valid)), n_valid - 1)
 
 
+SPLIT_LABELS = {"test": "test/", "val": "val/ (no test/)", "all": "the whole folder"}  # EvalData.split, for people
+
+
 def load_eval_data(data_dir: Path) -> EvalData:
     """The images to evaluate on: test/ of a split folder, else val/, else the whole folder (decoded lazily)."""
     data_dir = Path(data_dir)
     _check_is_folder(data_dir, "data folder")
     layout = find_layout(data_dir)
     if "train" in layout:
-        root = layout.get("test") or layout.get("val")
-        if root is None:
+        split = "test" if "test" in layout else "val"
+        if split not in layout:
             raise DataError(
                 f"{data_dir} has a train folder but no test or val folder to evaluate on; "
                 "pass the train folder itself to evaluate on the training images."
             )
     else:
-        root = data_dir
+        split = "all"
+    root = layout.get(split, data_dir)
     classes = scan_classes(root)
     items = [ImageItem(path, label) for label, name in enumerate(classes) for path in classes[name]]
-    return EvalData(list(classes), items, _layout_name(layout))
+    return EvalData(list(classes), items, _layout_name(layout), root, split)
 
 
 # ------------------------------------------------------------------------------------------------ dataset, loader

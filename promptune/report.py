@@ -3,22 +3,30 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
+from promptune.data import SPLIT_LABELS
 from promptune.errors import PromptuneError
 from promptune.fileio import atomic_write
+from promptune.fonts import drawable, font_for
+from promptune.metrics import rounded
 
 if TYPE_CHECKING:
     from promptune.api import EvalReport
 
 MAX_MATRIX_CLASSES = 50  # beyond this, the heat map shows the most-confused classes only
-CELL = 22
+MATRIX_SPAN = 480  # the matrix aims at this many pixels across: big cells for few classes ...
+MIN_CELL, MAX_CELL = 22, 56  # ... within these bounds (50 classes at 22 px: 1,100 px)
 LABEL_CHARS = 24
+TEXT_SIZE, TITLE_SIZE = 13, 16  # pixels
+PAD = 8
+GRID, INK, MUTED = (220, 220, 220), (0, 0, 0), (110, 110, 110)
 
 
 def per_class_rows(report: "EvalReport") -> list[dict[str, object]]:
@@ -35,8 +43,8 @@ def per_class_rows(report: "EvalReport") -> list[dict[str, object]]:
         errors = confusion[i].clone()
         errors[i] = 0
         confused = report.class_names[int(errors.argmax())] if errors.sum() > 0 else ""
-        rows.append({"class": name, "support": int(support[i]), "accuracy": recall, "precision": precision,
-                     "recall": recall, "f1": f1, "most_confused_with": confused})
+        rows.append(rounded({"class": name, "support": int(support[i]), "accuracy": recall, "precision": precision,
+                             "recall": recall, "f1": f1, "most_confused_with": confused}))
     return rows
 
 
@@ -47,36 +55,66 @@ def _most_confused(confusion: torch.Tensor, limit: int) -> list[int]:
     return sorted(score.argsort(descending=True)[:limit].tolist())
 
 
-def draw_confusion(confusion: torch.Tensor, names: list[str], path: Path) -> tuple[int, int]:
-    """Row-normalised heat map with class labels; returns the image size."""
+def _short(name: str) -> str:
+    return name if len(name) <= LABEL_CHARS else name[: LABEL_CHARS - 1] + "…"
+
+
+def _count_text(count: int) -> str:
+    return str(count) if count < 1000 else f"{count // 1000}k"
+
+
+def _rotated_label(label: str, font, length: int, height: int) -> Image.Image:
+    """`label` written upwards, its start at the bottom edge (next to the matrix)."""
+    strip = Image.new("RGBA", (length, height), (255, 255, 255, 0))
+    ImageDraw.Draw(strip).text((0, height // 2), label, fill=INK, font=font, anchor="lm")
+    return strip.rotate(90, expand=True)
+
+
+def draw_confusion(confusion: torch.Tensor, names: list[str], path: Path, title: str) -> tuple[int, int]:
+    """Row-normalised heat map under `title`, class names drawn with a system font that has their glyphs
+    (`fonts.font_for`); cells grow for few classes. Returns the image size."""
     keep = list(range(len(names))) if len(names) <= MAX_MATRIX_CLASSES else _most_confused(confusion, MAX_MATRIX_CLASSES)
-    matrix = confusion[keep][:, keep].float()
-    rows = matrix / matrix.sum(dim=1, keepdim=True).clamp(min=1)
-    labels = [names[i][:LABEL_CHARS] for i in keep]
-    font = ImageFont.load_default()
-    margin = max(96, 8 + 7 * max(len(label) for label in labels))  # also room for the axis legend
+    matrix = confusion[keep][:, keep].float()  # (n, n)
     n = len(keep)
-    size = (margin + n * CELL + 10, margin + n * CELL + 10)
-    image = Image.new("RGB", size, "white")
+    cell = max(MIN_CELL, min(MAX_CELL, MATRIX_SPAN // n))
+    label_fonts = [font_for(_short(names[i]), TEXT_SIZE) for i in keep]
+    labels = [drawable(_short(names[i]), font) for i, font in zip(keep, label_fonts)]
+    title_font = font_for(title, TITLE_SIZE)
+    title = drawable(title, title_font)
+    subtitle = "rows: true class, columns: predicted class, shade: share of the row"
+    if n < len(names):
+        subtitle += f"; the {n} most-confused of {len(names)} classes"
+    subtitle_font = font_for(subtitle, TEXT_SIZE)
+
+    label_length = int(max(font.getlength(label) for font, label in zip(label_fonts, labels))) + PAD
+    header = PAD + TITLE_SIZE + PAD + TEXT_SIZE + 2 * PAD  # title and subtitle lines
+    left, top = PAD + label_length, header + label_length  # matrix origin
+    width = max(left + n * cell, PAD + int(max(title_font.getlength(title), subtitle_font.getlength(subtitle)))) + PAD
+    image = Image.new("RGB", (width, top + n * cell + PAD), "white")
     draw = ImageDraw.Draw(image)
-    for r in range(n):
-        for c in range(n):
-            shade = int(255 * (1 - float(rows[r, c])))
-            x, y = margin + c * CELL, margin + r * CELL
-            draw.rectangle([x, y, x + CELL - 1, y + CELL - 1], fill=(shade, shade, 255), outline=(220, 220, 220))
-            count = int(matrix[r, c])
-            if count:
-                draw.text((x + 3, y + 5), str(count) if count < 1000 else "1k+", fill="black" if shade > 120 else "white", font=font)
-    for i, label in enumerate(labels):
-        draw.text((4, margin + i * CELL + 5), label, fill="black", font=font)  # true class (rows)
-        column = Image.new("RGBA", (margin - 4, CELL), (255, 255, 255, 0))
-        ImageDraw.Draw(column).text((2, 5), label, fill="black", font=font)
-        rotated = column.rotate(90, expand=True)
-        image.paste(rotated, (margin + i * CELL, 2), rotated)  # predicted class (columns)
-    draw.text((4, 4), "rows: true class", fill="gray", font=font)
-    draw.text((4, 16), "columns: predicted", fill="gray", font=font)
+    draw.text((PAD, PAD), title, fill=INK, font=title_font)
+    draw.text((PAD, PAD + TITLE_SIZE + PAD), subtitle, fill=MUTED, font=subtitle_font)
+    _draw_cells(draw, matrix, (left, top), cell)
+    for i, (label, font) in enumerate(zip(labels, label_fonts)):
+        draw.text((left - PAD // 2, top + i * cell + cell // 2), label, fill=INK, font=font, anchor="rm")  # true
+        column = _rotated_label(label, font, label_length - PAD // 2, cell)
+        image.paste(column, (left + i * cell, header), column)  # predicted
     image.save(path, format="PNG")
-    return size
+    return image.size
+
+
+def _draw_cells(draw: ImageDraw.ImageDraw, matrix: torch.Tensor, origin: tuple[int, int], cell: int) -> None:
+    """One square per (true, predicted) pair, shaded by its share of the row, with its count."""
+    shares = matrix / matrix.sum(dim=1, keepdim=True).clamp(min=1)  # (n, n)
+    font = font_for("0123456789k", max(9, min(TEXT_SIZE, cell // 3)))
+    for r, c in itertools.product(range(len(matrix)), repeat=2):
+        shade = int(255 * (1 - float(shares[r, c])))
+        x, y = origin[0] + c * cell, origin[1] + r * cell
+        draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=(shade, shade, 255), outline=GRID)
+        count = int(matrix[r, c])
+        if count:
+            draw.text((x + cell // 2, y + cell // 2), _count_text(count), font=font, anchor="mm",
+                      fill=INK if shade > 120 else "white")
 
 
 def prepare_report_dir(folder: str | Path) -> Path:
@@ -101,6 +139,12 @@ def _write_csv(path: Path, fieldnames: list[str], rows: list[dict[str, object]])
     atomic_write(path, write)
 
 
+def confusion_title(report: "EvalReport", header: dict[str, object]) -> str:
+    """The prompt file, top-1 and what was evaluated, e.g. 'prompts.safetensors: top-1 72.0% on test/ (100 images)'."""
+    name = Path(str(header["prompt_file"])).name if header.get("prompt_file") else "prompts"
+    return f"{name}: top-1 {report.top1:.1%} on {SPLIT_LABELS[report.split]} ({report.n_images} images)"
+
+
 def write_report(report: "EvalReport", folder: str | Path, header: dict[str, object]) -> list[Path]:
     """Each file is replaced atomically: a report folder never holds a half-written file."""
     folder = prepare_report_dir(folder)
@@ -109,8 +153,8 @@ def write_report(report: "EvalReport", folder: str | Path, header: dict[str, obj
         atomic_write(folder / "metrics.json", lambda name: Path(name).write_text(metrics, encoding="utf-8"))
         rows = per_class_rows(report)
         _write_csv(folder / "per_class.csv", list(rows[0]), rows)
-        atomic_write(folder / "confusion.png",
-                     lambda name: draw_confusion(torch.tensor(report.confusion), report.class_names, Path(name)))
+        atomic_write(folder / "confusion.png", lambda name: draw_confusion(
+            torch.tensor(report.confusion), report.class_names, Path(name), confusion_title(report, header)))
         _write_csv(folder / "misclassified.csv", ["path", "true", "predicted"], report.misclassified)
     except OSError as error:
         raise PromptuneError(f"Cannot write the report into '{folder}': {error.strerror or error}.") from None

@@ -126,9 +126,10 @@ def test_eval_json(prompts, shape_test_folder, class_names):
     assert_ok(result)
     report = json.loads(result.stdout)
     assert report["n_images"] == 30 and report["n_classes"] == 3
-    for key in ("top1", "top5", "zero_shot_top1"):
+    for key in ("top1", "balanced_accuracy", "zero_shot_top1", "zero_shot_balanced_accuracy"):
         assert 0.0 <= report[key] <= 1.0
-    assert report["top5"] == 1.0  # 3 classes: the true one is always in the top 5
+    assert report["top5"] is None  # 3 classes: the true one is always in the top 5, so top-5 says nothing
+    assert report["majority_baseline"] == 0.333333 and report["split"] == "all" and report["new_classes"] == []
     assert set(report["per_class"]) == set(class_names)
     assert report["skipped"] == []
     assert "coop prompts on tiny-clip.json" in result.stderr  # the header goes to stderr, not into the JSON
@@ -213,7 +214,7 @@ def test_command_help(command, options):
 def test_version():
     result = invoke("--version")
     assert_ok(result)
-    assert result.stdout.strip() == f"promptune {promptune.__version__}"
+    assert result.stdout.strip() == f"promptune {promptune.__version__} (PyPI package promptune-vision)"
 
 
 # ------------------------------------------------------------------------------------------ user mistakes
