@@ -44,13 +44,13 @@ from promptune.data import (
     prompt_name,
     unreadable_reason,
 )
-from promptune.devices import autocast, configure_backend, resolve_device, resolve_precision
 from promptune.errors import BackboneError, DataError, MethodError, PromptFileError, PromptuneError
 from promptune.methods import get_method, resolve_method_name
 from promptune.methods.base import PromptMethod
 from promptune.metrics import BaseNew, confusion_matrix, per_class_accuracy, topk_accuracy
 from promptune.stop import RunInterrupted, StopSignals, signal_name
 from promptune.reporting import Reporter
+from promptune.runtime import Runtime
 from promptune.train import (
     Trainer,
     TrainConfig,
@@ -126,7 +126,7 @@ def _family_for(method: str, backbone: str | None) -> str:
     return "vit" if method in ("spt", "vpt") else "clip"
 
 
-def _train_config(cls: type[PromptMethod], epochs, lr, batch_size, weight_decay, seed, amp_dtype) -> TrainConfig:
+def _train_config(cls: type[PromptMethod], epochs, lr, batch_size, weight_decay, seed) -> TrainConfig:
     d = cls.defaults
     return TrainConfig(
         epochs=epochs or d.epochs,
@@ -139,7 +139,6 @@ def _train_config(cls: type[PromptMethod], epochs, lr, batch_size, weight_decay,
         optimizer=d.optimizer,
         eps=d.eps,
         seed=seed,
-        amp_dtype=amp_dtype,
     )
 
 
@@ -185,8 +184,8 @@ def _prepare_progress(model: PromptMethod, reporter: Reporter | None, total: int
         reporter.prepare_end()
 
 
-def _run_identity(method: str, bb: Backbone, model: PromptMethod, cfg: TrainConfig, data: TrainingData,
-                  data_dir: Path, shots: int | None, base_classes: float | None) -> dict[str, Any]:
+def _run_identity(method: str, bb: Backbone, model: PromptMethod, cfg: TrainConfig, runtime: Runtime,
+                  data: TrainingData, data_dir: Path, shots: int | None, base_classes: float | None) -> dict[str, Any]:
     """What must be the same for a checkpoint to continue this run exactly (not --workers, not --device)."""
     return {
         "method": method,
@@ -194,7 +193,7 @@ def _run_identity(method: str, bb: Backbone, model: PromptMethod, cfg: TrainConf
         "hparams": model.hparams(),
         "train": {
             "epochs": cfg.epochs, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "batch_size": cfg.batch_size,
-            "seed": cfg.seed, "precision": str(cfg.amp_dtype).replace("torch.", ""), "optimizer": cfg.optimizer,
+            "seed": cfg.seed, "precision": runtime.precision, "optimizer": cfg.optimizer,
         },
         "shots": shots,
         "base_classes": base_classes,
@@ -268,9 +267,7 @@ def tune(
     _check_output(out)
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else default_checkpoint_dir(out)
     _check_checkpoint_request(folder, checkpoint, resume)
-    torch_device = resolve_device(device)
-    amp_dtype = resolve_precision(torch_device, precision)
-    threads = configure_backend(torch_device)
+    runtime = Runtime.create(device, precision)
 
     family = _family_for(method, backbone)
     method_name = resolve_method_name(method, family)
@@ -278,7 +275,7 @@ def tune(
     if cls.family != family:
         raise MethodError(f"Method '{method_name}' needs a {cls.family.upper()} backbone, but '{backbone}' is a {family.upper()} backbone.")
     config = cls.make_config({k: v for k, v in (options or {}).items() if v is not None})
-    cfg = _train_config(cls, epochs, lr, batch_size, weight_decay, seed, amp_dtype)
+    cfg = _train_config(cls, epochs, lr, batch_size, weight_decay, seed)
 
     with StopSignals(enabled=handle_signals) as stop:
         data = load_training_data(Path(data_dir), shots=shots or cls.defaults.shots, seed=seed, base_classes=base_classes)
@@ -289,15 +286,15 @@ def tune(
         log(f"loading backbone {backbone or '(default)'} ...")
         bb = load_backbone(backbone, weights, family=family)
         seed_everything(seed)
-        model = cls(bb, data.class_names, config).to(torch_device)
+        model = cls(bb, data.class_names, config).to(runtime.device)
         model.set_grad_checkpointing(grad_checkpointing)
         note = overlong_note(model)
         if note:
             log(f"warning: {note}")
-        run = _run_identity(method_name, bb, model, cfg, data, Path(data_dir), shots, base_classes)
+        run = _run_identity(method_name, bb, model, cfg, runtime, data, Path(data_dir), shots, base_classes)
         saved = _resume_state(folder, run, model) if resume else None
 
-        pin = torch_device.type == "cuda"
+        pin = runtime.device.type == "cuda"
         train_set = ImageDataset(data.train, build_transform(bb.preprocess, train=True))
         eval_transform = build_transform(bb.preprocess, train=False)
         train_loader = make_loader(train_set, cfg.batch_size, shuffle=True, seed=seed, workers=workers, pin_memory=pin)
@@ -311,10 +308,10 @@ def tune(
             total = model.prepare_images(len(data.train))
             if total:
                 log(f"initialising {method_name} from {total} training images ...")
-            with torch.no_grad(), autocast(torch_device, amp_dtype), _prepare_progress(model, reporter, total):
-                model.prepare(prepare_loader, torch_device, seed)
+            with torch.no_grad(), runtime.autocast(), _prepare_progress(model, reporter, total):
+                model.prepare(prepare_loader, runtime.device, seed)
 
-        trainer = Trainer(model, cfg, torch_device, steps_per_epoch=len(train_loader), compile_step=compile_step)
+        trainer = Trainer(model, cfg, runtime, steps_per_epoch=len(train_loader), compile_step=compile_step)
         if saved is not None:
             trainer.restore(saved.tensors, saved.trainer)
             log(f"resuming from '{folder}' at epoch {trainer.epoch + 1}, step {trainer.progress.step}")
@@ -332,19 +329,19 @@ def tune(
                 where = _where(stopped, math.ceil(len(train_set) / cfg.batch_size))
                 raise RunInterrupted(stop.received or 0, folder if checkpoint else None, where) from None
             path = _write_prompt_file(out, method_name, bb, model, data, cfg, summary, shots or cls.defaults.shots,
-                                      Path(data_dir).name, torch_device, amp_dtype)
+                                      Path(data_dir).name, runtime)
             if checkpoint:
                 remove_checkpoint(folder)
     per_class = {name: 0 for name in data.class_names}
     for item in data.train:
         per_class[data.class_names[item.label]] += 1
     return TuneResult(path, method_name, bb.name, data.class_names, per_class, len(data.val), data.skipped, summary,
-                      torch_device.type, threads)
+                      runtime.device.type, runtime.cpu_threads)
 
 
 def _write_prompt_file(out: Path, method_name: str, bb: Backbone, model: PromptMethod, data: TrainingData,
                        cfg: TrainConfig, summary: TrainSummary, shots: int | None, data_name: str,
-                       device: torch.device, amp_dtype: torch.dtype) -> Path:
+                       runtime: Runtime) -> Path:
     training = {
         **summary.to_dict(),
         "epochs": cfg.epochs,
@@ -358,8 +355,8 @@ def _write_prompt_file(out: Path, method_name: str, bb: Backbone, model: PromptM
         "val_images": len(data.val),
         "skipped_files": len(data.skipped) + summary.skipped_images,
         "data_dir": data_name,
-        "device": device.type,
-        "precision": str(amp_dtype).replace("torch.", ""),
+        "device": runtime.device.type,
+        "precision": runtime.precision,
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     prompt_file = PromptFile(
@@ -469,13 +466,11 @@ def _resolve_weights(stored: dict[str, Any], weights: str | None) -> str | None:
 class TunedModel:
     """A prompt file loaded onto its backbone, ready to classify."""
 
-    def __init__(self, prompt_file: PromptFile, method: PromptMethod, backbone: Backbone, device: torch.device,
-                 amp_dtype: torch.dtype) -> None:
+    def __init__(self, prompt_file: PromptFile, method: PromptMethod, backbone: Backbone, runtime: Runtime) -> None:
         self.prompt_file = prompt_file
         self.method = method
         self.backbone = backbone
-        self.device = device
-        self.amp_dtype = amp_dtype
+        self.runtime = runtime
         self.preprocess = Preprocess.from_dict(prompt_file.preprocess)
         self.transform = build_transform(self.preprocess, train=False)
         self.on_warning: Callable[[str], None] = lambda message: warnings.warn(message, stacklevel=3)
@@ -512,11 +507,11 @@ class TunedModel:
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        with autocast(self.device, self.amp_dtype):
-            return self.method(images.to(self.device)).float()
+        with self.runtime.autocast():
+            return self.method(images.to(self.runtime.device)).float()
 
     def _loader(self, items: list[ImageItem], batch_size: int, workers: int | None):
-        pin = self.device.type == "cuda"
+        pin = self.runtime.device.type == "cuda"
         return make_loader(ImageDataset(items, self.transform), batch_size, shuffle=False, workers=workers, pin_memory=pin)
 
     def predict(self, paths: Sequence[str], top_k: int = 5, classes: Sequence[str] | None = None, batch_size: int = 32,
@@ -558,8 +553,8 @@ class TunedModel:
                 continue
             all_logits.append(self.logits(batch.images).cpu())
             if baseline is not None:
-                with autocast(self.device, self.amp_dtype):
-                    all_zs.append(baseline(batch.images.to(self.device)).float().cpu())
+                with self.runtime.autocast():
+                    all_zs.append(baseline(batch.images.to(self.runtime.device)).float().cpu())
             all_labels.append(torch.tensor([labels_map[int(l)] for l in batch.labels]))
             all_index += batch.indices.tolist()
         if not all_labels:
@@ -607,16 +602,14 @@ class TunedModel:
     def _zero_shot(self, names: list[str]):
         from promptune.methods.zeroshot import ZeroShotCLIP
 
-        return ZeroShotCLIP(self.backbone, names).to(self.device).eval()
+        return ZeroShotCLIP(self.backbone, names).to(self.runtime.device).eval()
 
 
 def load(prompts: str | Path, *, backbone: str | None = None, weights: str | None = None, device: str = "auto",
          precision: str = "auto") -> TunedModel:
     """Load a prompt file onto its backbone (from its hub tag, the stored local path, or `weights`)."""
     prompt_file = load_prompt_file(prompts)
-    torch_device = resolve_device(device)
-    amp_dtype = resolve_precision(torch_device, precision)
-    configure_backend(torch_device)
+    runtime = Runtime.create(device, precision)
     try:
         cls = get_method(prompt_file.method)
     except MethodError:
@@ -641,5 +634,5 @@ def load(prompts: str | Path, *, backbone: str | None = None, weights: str | Non
     config = cls.make_config(prompt_file.hparams, error=PromptFileError)
     model = cls(bb, prompt_file.class_names, config)
     model.load_learned_state(prompt_file.tensors)
-    model.to(torch_device).eval()
-    return TunedModel(prompt_file, model, bb, torch_device, amp_dtype)
+    model.to(runtime.device).eval()
+    return TunedModel(prompt_file, model, bb, runtime)

@@ -14,6 +14,7 @@ from promptune.data import ImageDataset, build_transform, decode_image, load_eva
 from promptune.errors import MethodError
 from promptune.methods.coop import CoOp, CoOpConfig
 from promptune.methods.zeroshot import ZeroShotCLIP
+from promptune.runtime import Runtime
 from promptune.train import TrainConfig, Trainer
 from conftest import assert_checkpointing_is_exact
 
@@ -74,7 +75,7 @@ def test_a_training_step_changes_only_the_context(backbone, class_names, shape_f
                          workers=0)
     batch = next(iter(loader))
     cfg = TrainConfig(epochs=1, lr=0.01, weight_decay=5e-4, batch_size=12, warmup_epochs=0, optimizer="sgd")
-    trainer = Trainer(model, cfg, torch.device("cpu"), steps_per_epoch=1)
+    trainer = Trainer(model, cfg, Runtime(torch.device("cpu")), steps_per_epoch=1)
     model.train()
     loss, _ = trainer.train_step(batch.images, batch.labels)
 

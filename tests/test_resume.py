@@ -18,6 +18,7 @@ from promptune.api import tune
 from promptune.checkpoint import INDEX_NAME, CheckpointError, default_checkpoint_dir, has_checkpoint
 from promptune.stop import RunInterrupted, StopSignals
 from promptune.reporting import SilentReporter
+from promptune.runtime import Runtime
 from promptune.train import Trainer, TrainConfig
 
 from conftest import make_shape_folder
@@ -177,8 +178,8 @@ def test_trainer_compile_option_wraps_the_training_loss():
     model.training_loss = lambda images, labels: None  # never called: compiling happens on the first call
     model.param_groups = lambda decay: [{"params": list(model.parameters()), "weight_decay": decay}]
     cfg = TrainConfig(epochs=1, lr=0.1, weight_decay=0.0, batch_size=2)
-    assert Trainer(model, cfg, torch.device("cpu"), 1).loss_fn is model.training_loss
-    compiled = Trainer(model, cfg, torch.device("cpu"), 1, compile_step=True).loss_fn
+    assert Trainer(model, cfg, Runtime(torch.device("cpu")), 1).loss_fn is model.training_loss
+    compiled = Trainer(model, cfg, Runtime(torch.device("cpu")), 1, compile_step=True).loss_fn
     assert compiled is not model.training_loss and callable(compiled)
 
 
