@@ -16,7 +16,7 @@ import torch
 
 from promptune import __version__
 from promptune.artifact import PromptFile, load_prompt_file, save_prompt_file
-from promptune.backbones import Backbone, backbone_family, load_backbone
+from promptune.backbones import Backbone, load_backbone
 from promptune.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -45,7 +45,7 @@ from promptune.data import (
     unreadable_reason,
 )
 from promptune.errors import BackboneError, DataError, MethodError, PromptFileError, PromptuneError
-from promptune.methods import get_method, resolve_method_name
+from promptune.methods import get_method, resolve_method
 from promptune.methods.base import PromptMethod
 from promptune.metrics import BaseNew, confusion_matrix, per_class_accuracy, topk_accuracy
 from promptune.stop import RunInterrupted, StopSignals, signal_name
@@ -118,12 +118,6 @@ def _check_output(out: Path) -> None:
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise PromptuneError(f"--out folder '{parent}' does not exist.")
-
-
-def _family_for(method: str, backbone: str | None) -> str:
-    if backbone is not None:
-        return backbone_family(backbone)
-    return "vit" if method in ("spt", "vpt") else "clip"
 
 
 def _train_config(cls: type[PromptMethod], epochs, lr, batch_size, weight_decay, seed) -> TrainConfig:
@@ -269,11 +263,9 @@ def tune(
     _check_checkpoint_request(folder, checkpoint, resume)
     runtime = Runtime.create(device, precision)
 
-    family = _family_for(method, backbone)
-    method_name = resolve_method_name(method, family)
-    cls = get_method(method_name)
-    if cls.family != family:
-        raise MethodError(f"Method '{method_name}' needs a {cls.family.upper()} backbone, but '{backbone}' is a {family.upper()} backbone.")
+    spec = resolve_method(method, backbone)
+    method_name, family = spec.name, spec.family
+    cls = spec.load()
     config = cls.make_config({k: v for k, v in (options or {}).items() if v is not None})
     cfg = _train_config(cls, epochs, lr, batch_size, weight_decay, seed)
 

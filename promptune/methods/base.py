@@ -11,35 +11,33 @@ from torch import nn
 
 from promptune.backbones import Backbone, Family
 from promptune.errors import MethodError, PromptFileError
+from promptune.methods.registry import TrainDefaults, method_spec
 
 
-@dataclasses.dataclass
-class TrainDefaults:
-    epochs: int = 10  # passes over the (k-shot) training set
-    lr: float = 2e-3  # peak learning rate
-    weight_decay: float = 5e-4  # default decay for learned tensors (methods may set per-group decay)
-    batch_size: int = 32
-    shots: int | None = None  # images per class when --shots is not given (None = all)
-    warmup_epochs: float = 1.0  # warm-up length in epochs (fractions allowed)
-    warmup: str = "linear"  # "linear" (0 -> lr) or "constant" (warmup_lr, as CoOp/SEP)
-    warmup_lr: float = 1e-5  # learning rate during a constant warm-up
-    optimizer: str = "adamw"  # "adam" | "adamw" | "sgd"
-    eps: float = 1e-8  # Adam epsilon
+class _Registered:
+    """A class attribute read from the method's entry in `promptune.methods.registry`, the one place it is set."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.field = name
+
+    def __get__(self, instance: object, owner: type[PromptMethod]) -> Any:
+        return getattr(method_spec(owner.name), self.field)
 
 
 class PromptMethod(nn.Module):
     """A frozen backbone plus the few tensors a method learns.
 
-    Subclasses set the class attributes, define a `Config` dataclass of hyper-parameters (all JSON-serialisable), and
-    implement `forward` (logits over the current classes) and `learned_state`/`_load_tensors`.
+    Subclasses have a line in `promptune.methods.registry`, set `name` to it, define a `Config` dataclass of
+    hyper-parameters (all JSON-serialisable), and implement `forward` (logits over the current classes) and
+    `learned_state`/`_load_tensors`.
     """
 
-    name: ClassVar[str]
-    family: ClassVar[Family]
+    name: ClassVar[str]  # its registry name; `family`, `defaults` and `description` come from its registry entry
+    family: ClassVar[Family] = _Registered()
+    defaults: ClassVar[TrainDefaults] = _Registered()
+    description: ClassVar[str] = _Registered()
     open_vocabulary: ClassVar[bool] = False  # can classify into class names never trained
     Config: ClassVar[type]
-    defaults: ClassVar[TrainDefaults] = TrainDefaults()
-    description: ClassVar[str] = ""
     prepare_progress: Callable[[int], None] | None = None  # told each prepared batch's image count (progress bars)
     grad_checkpointing: bool = False  # recompute each block's activations in backward (see set_grad_checkpointing)
 

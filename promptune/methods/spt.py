@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Subset
 
 from promptune.backbones import Backbone
 from promptune.errors import MethodError
-from promptune.methods.base import PromptMethod, TrainDefaults, run_block
+from promptune.methods.base import PromptMethod, run_block
 from promptune.methods.vit_blocks import block_without_span, drop_span, supports_span_skipping
 
 DEPTHS = ("deep", "shallow")
@@ -196,22 +196,8 @@ class SPT(PromptMethod):
     """
 
     name: ClassVar[str] = "spt"
-    family: ClassVar = "vit"
     open_vocabulary: ClassVar[bool] = False
     Config: ClassVar[type] = SPTConfig
-    defaults: ClassVar[TrainDefaults] = TrainDefaults(
-        epochs=30,
-        lr=1e-3,
-        weight_decay=1e-2,
-        batch_size=32,
-        shots=None,
-        warmup_epochs=3.0,
-        warmup="linear",
-        optimizer="adamw",
-    )
-    description: ClassVar[str] = (
-        "Self-Prompt Tuning: deep visual prompts initialised from the data's own tokens + a linear head (timm ViT)."
-    )
     init_choices: ClassVar[tuple[str, ...]] = SPT_INITS
 
     def __init__(self, backbone: Backbone, class_names: list[str], config: Any = None) -> None:
@@ -513,7 +499,6 @@ class VPT(SPT):
 
     name: ClassVar[str] = "vpt"
     Config: ClassVar[type] = VPTConfig
-    description: ClassVar[str] = "Visual Prompt Tuning: deep visual prompts from uniform noise + a linear head (timm ViT)."
     init_choices: ClassVar[tuple[str, ...]] = ("xavier",)
 
     def prepare_images(self, available: int) -> int:

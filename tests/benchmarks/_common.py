@@ -107,7 +107,8 @@ def build_backbone(name: str):
     """A frozen random-weight promptune Backbone: open_clip for CLIP model names, timm for anything else."""
     import math
 
-    from promptune.backbones import Backbone, _clip_shape
+    from promptune.backbones import Backbone
+    from promptune.backbones.clip import _clip_shape
     from promptune.data import Preprocess
 
     torch.manual_seed(0)
