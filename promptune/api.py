@@ -120,22 +120,6 @@ def _check_output(out: Path) -> None:
         raise PromptuneError(f"--out folder '{parent}' does not exist.")
 
 
-def _train_config(cls: type[PromptMethod], epochs, lr, batch_size, weight_decay, seed) -> TrainConfig:
-    d = cls.defaults
-    return TrainConfig(
-        epochs=epochs or d.epochs,
-        lr=lr or d.lr,
-        weight_decay=d.weight_decay if weight_decay is None else weight_decay,
-        batch_size=batch_size or d.batch_size,
-        warmup_epochs=d.warmup_epochs,
-        warmup=d.warmup,
-        warmup_lr=d.warmup_lr,
-        optimizer=d.optimizer,
-        eps=d.eps,
-        seed=seed,
-    )
-
-
 def _writable(folder: Path) -> bool:
     """Could `folder` be written (or created under its nearest existing parent)?"""
     existing = folder.absolute()
@@ -267,7 +251,8 @@ def tune(
     method_name, family = spec.name, spec.family
     cls = spec.load()
     config = cls.make_config({k: v for k, v in (options or {}).items() if v is not None})
-    cfg = _train_config(cls, epochs, lr, batch_size, weight_decay, seed)
+    cfg = TrainConfig.from_defaults(spec.defaults, seed, epochs=epochs, lr=lr, batch_size=batch_size,
+                                      weight_decay=weight_decay)
 
     with StopSignals(enabled=handle_signals) as stop:
         data = load_training_data(Path(data_dir), shots=shots or cls.defaults.shots, seed=seed, base_classes=base_classes)

@@ -15,6 +15,7 @@ from torch import nn
 from promptune.data import Batch, derive_seed
 from promptune.errors import MethodError
 from promptune.methods.base import PromptMethod
+from promptune.methods.registry import TrainDefaults
 from promptune.reporting import Reporter, SilentReporter
 from promptune.runtime import Runtime
 
@@ -33,6 +34,17 @@ class TrainConfig:
     optimizer: str = "adamw"  # "adam" | "adamw" | "sgd"
     eps: float = 1e-8  # Adam epsilon
     seed: int = 0  # seeds python, torch and the loader order
+
+    @classmethod
+    def from_defaults(cls, defaults: TrainDefaults, seed: int = 0, **overrides: float | None) -> TrainConfig:
+        """A method's training defaults, with each override that is not None (the user's --epochs, --lr, ...)."""
+        fields = {f.name for f in dataclasses.fields(cls)} - {"seed"}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise TypeError(f"TrainConfig has no field(s) {', '.join(unknown)}")
+        values = {name: getattr(defaults, name) for name in fields}
+        values.update({name: value for name, value in overrides.items() if value is not None})
+        return cls(**values, seed=seed)
 
 
 @dataclass
@@ -145,6 +157,18 @@ def accuracy(method: nn.Module, loader: Iterable[Batch], runtime: Runtime) -> fl
     return correct / total if total else None
 
 
+class TrainStep(nn.Module):
+    """The forward of one training step, `(loss, logits)` of the method for a batch, as one module: what DDP and
+    `torch.compile` wrap. It owns no state; the method's learned parameters are its parameters."""
+
+    def __init__(self, method: PromptMethod) -> None:
+        super().__init__()
+        self.method = method
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.method.training_loss(images, labels)
+
+
 def _snapshot(method: PromptMethod) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in method.learned_state().items()}
 
@@ -189,7 +213,8 @@ class Trainer:
     def __init__(self, method: PromptMethod, cfg: TrainConfig, runtime: Runtime, steps_per_epoch: int,
                  compile_step: bool = False) -> None:
         self.method = method
-        self.loss_fn = torch.compile(method.training_loss) if compile_step else method.training_loss
+        self.step = TrainStep(method)
+        self.forward: nn.Module = torch.compile(self.step) if compile_step else self.step
         self.cfg = cfg
         self.runtime = runtime
         self.optimizer = build_optimizer(method.param_groups(cfg.weight_decay), cfg)
@@ -203,7 +228,7 @@ class Trainer:
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
         with self.runtime.autocast():
-            loss, logits = self.loss_fn(images, labels)
+            loss, logits = self.forward(images, labels)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
