@@ -292,7 +292,7 @@ def evaluate(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No header line, no progress bar.")] = False,
 ) -> None:
     """Accuracy of a prompt file on a labelled folder: top-1, top-5, per class, and zero-shot CLIP for comparison."""
-    from promptune.api import check_loader_options
+    from promptune.options import check_loader_options
 
     _guarded(lambda: check_loader_options(batch_size, workers))
     if report_dir is not None:
@@ -365,7 +365,7 @@ def predict(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No header line, no progress bar.")] = False,
 ) -> None:
     """Top-k classes for each image. CLIP prompt files also accept class names never trained (--classes)."""
-    from promptune.api import check_predict_options
+    from promptune.options import check_predict_options
 
     if json_output and csv_output:
         raise _fail("give either --json or --csv, not both.")

@@ -30,9 +30,9 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import promptune
-import promptune.api as api
 from promptune.artifact import load_prompt_file
 from promptune.cli import app
+from promptune.train import Trainer
 
 from conftest import TINY_CLIP_CONFIG, make_clip_files, make_shape_folder
 
@@ -547,7 +547,7 @@ def test_bad_input(name: str, env: Env) -> None:
         def no_training(*_args: object, **_kwargs: object) -> None:
             raise AssertionError("a tune that must fail went on to train")
 
-        env.monkeypatch.setattr(api.Trainer, "fit", no_training)
+        env.monkeypatch.setattr(Trainer, "fit", no_training)
     result = runner.invoke(app, args)
     if case.code == 0:
         _assert_ok(result, case, env, args[0])

@@ -150,7 +150,7 @@ def test_resume_and_checkpoint_mistakes(small_folder, vit_file, tmp_path):
 
 
 def test_an_unwritable_checkpoint_folder_is_refused_before_training(small_folder, vit_file, tmp_path, monkeypatch):
-    import promptune.api
+    import promptune.checkpoint
 
     target = tmp_path / "locked" / "nested"
     asked: list[Path] = []
@@ -159,7 +159,7 @@ def test_an_unwritable_checkpoint_folder_is_refused_before_training(small_folder
         asked.append(Path(path))
         return False
 
-    monkeypatch.setattr(promptune.api.os, "access", no_write)
+    monkeypatch.setattr(promptune.checkpoint.os, "access", no_write)
     with pytest.raises(CheckpointError, match=r"Cannot write checkpoints in .*pass --checkpoint-dir DIR or --no-checkpoint"):
         tune(small_folder, out=tmp_path / "p.safetensors", checkpoint_dir=target, **_options("spt", None, vit_file))
     assert asked == [tmp_path]  # the nearest folder that exists is the one that decides

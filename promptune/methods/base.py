@@ -166,6 +166,18 @@ class PromptMethod(nn.Module):
         raise NotImplementedError
 
 
+def overlong_note(method: PromptMethod) -> str | None:
+    """One sentence when class names are cut short in the text prompts (None when all fit)."""
+    names = method.overlong_class_names()
+    if not names:
+        return None
+    shown = names[0] if len(names[0]) <= 40 else names[0][:40] + "..."
+    if len(names) == 1:
+        return f"class name '{shown}' is too long for the text encoder and is cut short in its text prompt."
+    return (f"{len(names)} class names are too long for the text encoder and are cut short in their text prompts "
+            f"(e.g. '{shown}').")
+
+
 def run_block(checkpointed: bool, segment: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
     """`segment(*args)`, under non-reentrant activation checkpointing when `checkpointed`.
 
