@@ -166,14 +166,17 @@ class TuneRun:
 
     def prepare(self, built: Built) -> None:
         """The method's data-dependent initialisation (SPT prototypes, SEP class means): one pass, no gradients."""
+        model, train, seed = built.model, built.data.train, self.options.seed
+        total = model.prepare_images(len(train))
+        if not total:
+            return
+        subset = model.prepare_subset(len(train), seed)
+        items = train if subset is None else [train[index] for index in subset]
         eval_transform = build_transform(built.backbone.preprocess, train=False)
-        loader = self._loader(ImageDataset(built.data.train, eval_transform), shuffle=True)
-        model = built.model
-        total = model.prepare_images(len(built.data.train))
-        if total:
-            self.log(f"initialising {self.spec.name} from {total} training images ...")
+        loader = self._loader(ImageDataset(items, eval_transform), shuffle=subset is None)
+        self.log(f"initialising {self.spec.name} from {total} training images ...")
         with torch.no_grad(), self.runtime.autocast(), self._prepare_progress(model, total):
-            model.prepare(loader, self.runtime.device, self.options.seed)
+            model.prepare(loader, self.runtime.device, seed)
 
     def fit(self, built: Built, saved: Checkpoint | None) -> TrainSummary:
         """Train (continuing `saved` when resuming); a stop request saves a checkpoint and raises RunInterrupted."""

@@ -80,13 +80,19 @@ class PromptMethod(nn.Module):
     def prepare(self, loader: Iterable, device: torch.device, seed: int) -> None:
         """Data-dependent initialisation before the first step (SPT prototypes, SEP class centres). No-op by default.
 
-        `loader` yields `promptune.data.Batch` objects over the training images with the deterministic eval transform.
-        A method that reads images here overrides `prepare_images` and calls `_prepared(n)` after each batch.
+        `loader` yields `promptune.data.Batch` objects over the training images with the deterministic eval transform
+        (those of `prepare_subset`). A method that reads images here overrides `prepare_images` (a run calls `prepare`
+        only when it is above 0) and calls `_prepared(n)` after each batch.
         """
 
     def prepare_images(self, available: int) -> int:
         """How many of the `available` training images `prepare` will read (0: it reads none)."""
         return 0
+
+    def prepare_subset(self, available: int, seed: int) -> list[int] | None:
+        """Ascending indices of the training images `prepare` reads when it samples some of them; None: all of them,
+        in the run's seeded order. The run builds the loader over them."""
+        return None
 
     def _prepared(self, images: int) -> None:
         if self.prepare_progress is not None:
