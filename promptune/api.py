@@ -18,11 +18,11 @@ from promptune.data import (
     ImageItem,
     Preprocess,
     build_transform,
+    check_distinct_class_names,
     images_in,
     load_eval_data,
     make_loader,
     prompt_name,
-    unreadable_reason,
 )
 from promptune.errors import BackboneError, DataError, MethodError, PromptFileError
 from promptune.methods import get_method
@@ -190,6 +190,8 @@ class TunedModel:
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise MethodError(f"--classes has duplicate names: {', '.join(duplicates)}.")
+        if class_names:
+            check_distinct_class_names(names, "--classes names", "give each class once", MethodError)
         self.method.set_classes(names)
         note = overlong_note(self.method)
         if note and note not in self._warned:  # once per message, not once per predict call
@@ -220,8 +222,8 @@ class TunedModel:
             self.method.eval()
             for batch in self._loader(items, batch_size, workers):
                 self._advance(batch, len(items))
-                for i in batch.failed:
-                    problems.append(f"{items[i].path}: unreadable image ({unreadable_reason(items[i].path)}).")
+                for i, reason in batch.failed:
+                    problems.append(f"{items[i].path}: unreadable image ({reason}).")
                 if batch.labels.numel() == 0:
                     continue
                 probs = self.logits(batch.images).softmax(dim=-1)
@@ -237,10 +239,11 @@ class TunedModel:
         names, labels_map = self._eval_classes(data.class_names)
         self.method.eval()
         baseline = self._zero_shot(names) if zero_shot and self.backbone.family == "clip" else None
-        all_logits, all_zs, all_labels, all_index, skipped = [], [], [], [], []
+        all_logits, all_zs, all_labels, all_index = [], [], [], []
+        skip_reasons: dict[str, str] = {}
         for batch in self._loader(data.items, batch_size, workers):
             self._advance(batch, len(data.items))
-            skipped += [str(data.items[i].path) for i in batch.failed]
+            skip_reasons.update((str(data.items[i].path), reason) for i, reason in batch.failed)
             if batch.labels.numel() == 0:
                 continue
             all_logits.append(self.logits(batch.images).cpu())
@@ -257,8 +260,7 @@ class TunedModel:
         report = EvalReport(
             class_names=names, n_images=int(labels.numel()), top1=topk_accuracy(logits, labels, 1),
             top5=topk_accuracy(logits, labels, 5), per_class=per_class_accuracy(confusion, names),
-            confusion=confusion.tolist(), skipped=skipped,
-            skip_reasons={path: unreadable_reason(Path(path)) for path in skipped},
+            confusion=confusion.tolist(), skipped=list(skip_reasons), skip_reasons=skip_reasons,
             misclassified=[{"path": str(data.items[i].path), "true": names[int(t)], "predicted": names[int(p)]}
                            for i, t, p in zip(all_index, labels, predicted) if t != p],
         )

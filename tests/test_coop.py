@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -171,6 +172,27 @@ def test_eval_and_predict_report_progress_over_every_image(model, shape_test_fol
     predictions, problems = model.predict(paths, batch_size=4, workers=0)
     assert len(problems) == 1 and sum(n for n, _ in seen) == len(predictions) + 1  # the unreadable one counts too
     assert {t for _, t in seen} == {len(predictions) + 1}
+
+
+def test_an_unreadable_image_is_decoded_once_and_its_reason_reported(model, shape_test_folder, tmp_path, monkeypatch):
+    import promptune.data
+
+    folder = tmp_path / "test"
+    shutil.copytree(shape_test_folder, folder)
+    (folder / "red_square" / "broken.png").write_bytes(b"not a png")
+    decoded: list[str] = []
+    real_decode = promptune.data.decode_image
+
+    def counting(path):
+        decoded.append(Path(path).name)
+        return real_decode(path)
+
+    monkeypatch.setattr(promptune.data, "decode_image", counting)
+    report = model.evaluate(folder, batch_size=5, zero_shot=False, workers=0)
+    assert report.skip_reasons == {str(folder / "red_square" / "broken.png"): "not a recognised image format"}
+    _, problems = model.predict([str(folder / "red_square" / "broken.png")], workers=0)
+    assert problems == [f"{folder / 'red_square' / 'broken.png'}: unreadable image (not a recognised image format)."]
+    assert decoded.count("broken.png") == 2  # once by evaluate, once by predict: never again to find out why
 
 
 def test_text_features_are_cached_at_eval(model, shape_test_folder):
