@@ -9,14 +9,11 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
 from promptune.errors import DeviceError
 
-DeviceName = Literal["auto", "cuda", "mps", "cpu"]
-Precision = Literal["auto", "fp32", "bf16", "fp16"]
 DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
 PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
 

@@ -194,8 +194,3 @@ def run_block(checkpointed: bool, segment: Callable[..., torch.Tensor], *args: A
     if not checkpointed:
         return segment(*args)
     return torch.utils.checkpoint.checkpoint(segment, *args, use_reentrant=False)
-
-
-def named_learned_parameters(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter that requires grad, by name: the default `learned_state` for simple methods."""
-    return {name: p for name, p in module.named_parameters() if p.requires_grad}
