@@ -475,7 +475,7 @@ def test_short_spt_training_beats_chance_on_held_out_images(vit, tmp_path):
         classes = scan_classes(root)
         items = [ImageItem(path, label) for label, name in enumerate(sorted(classes)) for path in classes[name]]
         dataset = ImageDataset(items, transform)
-        images, labels, _ = zip(*(dataset[i] for i in range(len(dataset))))
+        images, labels, _, _ = zip(*(dataset[i] for i in range(len(dataset))))
         return torch.stack(images), torch.tensor(labels)
 
     train_images, train_labels = load(train_root)
