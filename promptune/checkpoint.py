@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -46,6 +47,68 @@ class Checkpoint:
 def default_checkpoint_dir(out: Path) -> Path:
     """`prompts.safetensors` -> `prompts.checkpoint/` in the same folder."""
     return out.with_name(f"{out.stem or out.name}.checkpoint")
+
+
+@dataclass(frozen=True)
+class CheckpointPolicy:
+    """Where a `tune` run keeps its checkpoint, whether it keeps one, and whether it continues one (--resume)."""
+
+    folder: Path
+    enabled: bool = True
+    resume: bool = False
+
+    @classmethod
+    def for_run(cls, out: Path, folder: Path | None, enabled: bool, resume: bool) -> CheckpointPolicy:
+        """--checkpoint-dir, or `default_checkpoint_dir(out)` when it is not given."""
+        return cls(Path(folder) if folder is not None else default_checkpoint_dir(out), enabled, resume)
+
+    def check(self) -> None:
+        """Refuse early what cannot work, before any image is scanned or weights are loaded."""
+        folder = self.folder
+        if folder.exists() and not folder.is_dir():
+            raise CheckpointError(f"--checkpoint-dir '{folder}' is a file; give a folder.")
+        if self.resume and not self.enabled:
+            raise CheckpointError("--resume needs the run's checkpoint; drop --no-checkpoint.")
+        if self.resume and not has_checkpoint(folder):
+            raise CheckpointError(f"Nothing to resume: there is no checkpoint in '{folder}'.")
+        if self.enabled and not _writable(folder):
+            raise CheckpointError(
+                f"Cannot write checkpoints in '{folder}' (permission denied); pass --checkpoint-dir DIR or --no-checkpoint."
+            )
+        if not self.resume and self.enabled and has_checkpoint(folder):
+            raise CheckpointError(
+                f"'{folder}' holds the checkpoint of an unfinished run; add --resume to continue it, or delete that "
+                f"folder to start over."
+            )
+
+    def load_for(self, run: dict[str, Any], tensor_names: set[str]) -> Checkpoint:
+        """The checkpoint to continue, after checking it belongs to `run` and holds the tensors `tensor_names`."""
+        saved = load_checkpoint(self.folder)
+        differences = run_differences(saved.run, run)
+        if differences:
+            raise CheckpointError(
+                f"Cannot resume from '{self.folder}': this run differs from the checkpoint's in {'; '.join(differences)}."
+            )
+        if not tensor_names <= saved.tensors.keys():
+            raise CheckpointError(f"The checkpoint in '{self.folder}' is damaged (learned tensors are missing); delete it.")
+        return saved
+
+    def save(self, checkpoint: Checkpoint) -> None:
+        if self.enabled:
+            save_checkpoint(self.folder, checkpoint)
+
+    def finish(self) -> None:
+        """The run wrote its prompt file: its checkpoint is no longer needed."""
+        if self.enabled:
+            remove_checkpoint(self.folder)
+
+
+def _writable(folder: Path) -> bool:
+    """Could `folder` be written (or created under its nearest existing parent)?"""
+    existing = folder.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    return os.access(existing, os.W_OK | os.X_OK)
 
 
 def has_checkpoint(folder: Path) -> bool:

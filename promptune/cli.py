@@ -12,7 +12,9 @@ from typing import Annotated, Any, Callable, Optional
 import typer
 
 from promptune import DISTRIBUTION, __version__
+from promptune.backbones import FAMILIES
 from promptune.errors import PromptuneError
+from promptune.methods.registry import METHODS, default_summary
 from promptune.reporting import SilentReporter
 from promptune.stop import RunInterrupted
 
@@ -25,7 +27,10 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-METHOD_HELP = "auto (sep for CLIP, spt for ViT), sep, coop, spt or vpt."
+_AUTO = ", ".join(f"{spec.default_method} for {spec.label}" for spec in FAMILIES.values())
+METHOD_HELP = f"auto ({_AUTO}), {', '.join(list(METHODS)[:-1])} or {list(METHODS)[-1]}."
+BACKBONE_HELP = ("open_clip model name or config JSON (CLIP), or timm ViT name. Default: "
+                 + " / ".join(f"{spec.default_backbone} ({spec.label})" for spec in FAMILIES.values()) + ".")
 DEVICE_HELP = "auto (cuda, else mps, else cpu), cuda, mps or cpu."
 
 
@@ -187,12 +192,12 @@ def _parse_base_classes(value: Optional[str]) -> Optional[float]:
 def tune(
     data_dir: Annotated[Path, typer.Argument(help="Folder with one sub-folder of images per class (or train/ val/ test/ splits).", show_default=False, metavar="DATA_DIR")],
     method: Annotated[str, typer.Option(help=METHOD_HELP)] = "auto",
-    backbone: Annotated[Optional[str], typer.Option(help="open_clip model name or config JSON (CLIP), or timm ViT name. Default: ViT-B-16 (CLIP) / vit_base_patch16_224.augreg2_in21k_ft_in1k (ViT).", show_default=False)] = None,
+    backbone: Annotated[Optional[str], typer.Option(help=BACKBONE_HELP, show_default=False)] = None,
     weights: Annotated[Optional[str], typer.Option(help="Pretrained tag (e.g. openai, laion2b_s34b_b88k) or a local weights file (.safetensors/.bin/.pt/.pth).", show_default=False)] = None,
-    shots: Annotated[Optional[int], typer.Option(help="Training images per class (k-shot). Default: 16 for CLIP methods, all for ViT methods.", show_default=False)] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Training epochs. Default: the method's.", show_default=False)] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Images per step. Default: the method's (32).", show_default=False)] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate. Default: the method's.", show_default=False)] = None,
+    shots: Annotated[Optional[int], typer.Option(help=f"Training images per class (k-shot). Default: {default_summary('shots')}.", show_default=False)] = None,
+    epochs: Annotated[Optional[int], typer.Option(help=f"Training epochs. Default: {default_summary('epochs')}.", show_default=False)] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help=f"Images per step. Default: {default_summary('batch_size')}.", show_default=False)] = None,
+    lr: Annotated[Optional[float], typer.Option(help=f"Peak learning rate. Default: {default_summary('lr')}.", show_default=False)] = None,
     weight_decay: Annotated[Optional[float], typer.Option(help="Weight decay. Default: the method's.", show_default=False)] = None,
     seed: Annotated[int, typer.Option(help="Seed for sampling, initialisation and order.")] = 0,
     base_classes: Annotated[Optional[str], typer.Option(help="Train on the first N classes in sorted order (or a fraction, e.g. 0.5) for the base-to-new protocol.", show_default=False)] = None,
@@ -288,8 +293,8 @@ def evaluate(
 ) -> None:
     """Accuracy of a prompt file on a labelled folder: top-1, balanced accuracy, the majority-class baseline, top-5
     (more than 5 classes), per class, and zero-shot CLIP for comparison."""
-    from promptune.api import check_loader_options
     from promptune.data import SPLIT_LABELS, load_eval_data
+    from promptune.options import check_loader_options
 
     _guarded(lambda: check_loader_options(batch_size, workers))
     if report_dir is not None:
@@ -366,7 +371,7 @@ def predict(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No header line, no progress bar.")] = False,
 ) -> None:
     """Top-k classes for each image. CLIP prompt files also accept class names never trained (--classes)."""
-    from promptune.api import check_predict_options
+    from promptune.options import check_predict_options
 
     if json_output and csv_output:
         raise _fail("give either --json or --csv, not both.")

@@ -19,14 +19,14 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 
-from promptune.errors import DataError
+from promptune.errors import DataError, PromptuneError
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
@@ -346,21 +346,27 @@ def scan_classes(root: Path) -> dict[str, list[Path]]:
 
 
 def _check_distinct_prompt_names(folder_names: Sequence[str]) -> None:
-    owner_of: dict[str, str] = {}
     for name in folder_names:
         try:
             name.encode("utf-8")
         except UnicodeEncodeError:  # undecodable bytes in the folder name arrive as lone surrogates
             shown = os.fsencode(name).decode("utf-8", "backslashreplace")
             raise DataError(f"class folder '{shown}' has a name that is not valid UTF-8; rename it.") from None
-        prompt = prompt_name(name)
-        if not prompt:
+        if not prompt_name(name):
             raise DataError(f"class folder '{name}' has no usable class name; rename it to include letters or digits.")
-        if prompt in owner_of:
-            raise DataError(
-                f"class folders '{owner_of[prompt]}' and '{name}' both become the class name '{prompt}'; rename one."
-            )
-        owner_of[prompt] = name
+    check_distinct_class_names(folder_names)
+
+
+def check_distinct_class_names(names: Sequence[str], what: str = "class folders", fix: str = "rename one",
+                               error: type[PromptuneError] = DataError) -> None:
+    """Refuse two names that become one class name for the text tower: `golden_retriever` / `golden retriever`, or
+    `Cat` / `cat` (compared without case, as CLIP's tokenizer lowercases its input)."""
+    owner_of: dict[str, str] = {}
+    for name in names:
+        key = prompt_name(name).casefold()
+        if key in owner_of:
+            raise error(f"{what} '{owner_of[key]}' and '{name}' both become the class name '{key}'; {fix}.")
+        owner_of[key] = name
 
 
 def find_layout(data_dir: Path) -> dict[str, Path]:
@@ -510,12 +516,6 @@ def _readable(paths: Sequence[Path]) -> tuple[list[Path], list[SkippedFile]]:
     return readable, unreadable
 
 
-def unreadable_reason(path: Path) -> str:
-    """Why ``path`` could not be decoded (it is decoded again: only call this for files that failed)."""
-    skip = _verify(Path(path))
-    return skip.reason if skip is not None else "it could not be decoded"
-
-
 def _verify(path: Path) -> SkippedFile | None:
     try:
         decode_image(path).close()
@@ -581,11 +581,15 @@ def load_eval_data(data_dir: Path) -> EvalData:
 # ------------------------------------------------------------------------------------------------ dataset, loader
 
 
-Sample = tuple[torch.Tensor | None, int, int]
+class Sample(NamedTuple):
+    image: torch.Tensor | None  # None when the file could not be decoded
+    label: int
+    index: int  # in the dataset
+    reason: str | None  # why the file could not be decoded (None when it was)
 
 
 class ImageDataset(Dataset):
-    """Decodes and transforms images on access; an unreadable image yields (None, label, index) instead of raising."""
+    """Decodes and transforms images on access; an unreadable image yields a sample without image, with its reason."""
 
     def __init__(self, items: Sequence[ImageItem], transform: Callable[[Image.Image], torch.Tensor]) -> None:
         self.items = list(items)
@@ -601,14 +605,14 @@ class ImageDataset(Dataset):
         item = self.items[index]
         try:
             image = decode_image(item.path)
-        except UnreadableImageError:
-            return None, item.label, index
+        except UnreadableImageError as error:
+            return Sample(None, item.label, index, error.reason)
         with image:
             if sample_seed is None:
-                return self.transform(image), item.label, index
+                return Sample(self.transform(image), item.label, index, None)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(sample_seed)
-                return self.transform(image), item.label, index
+                return Sample(self.transform(image), item.label, index, None)
 
 
 def derive_seed(*parts: int | str) -> int:
@@ -651,7 +655,7 @@ class Batch:
     images: torch.Tensor
     labels: torch.Tensor
     indices: torch.Tensor
-    failed: list[int]
+    failed: list[tuple[int, str]]  # (dataset index, why it could not be decoded) of the samples left out
 
     def pin_memory(self) -> Batch:
         """Called by DataLoader(pin_memory=True) for custom batch types."""
@@ -659,16 +663,16 @@ class Batch:
 
 
 def collate_skipping(samples: Sequence[Sample]) -> Batch:
-    """Stack the decoded samples; failed ones are dropped and their dataset indices kept in ``failed``."""
-    decoded = [sample for sample in samples if sample[0] is not None]
-    failed = [index for image, _, index in samples if image is None]
+    """Stack the decoded samples; failed ones are dropped, their dataset indices and reasons kept in ``failed``."""
+    decoded = [sample for sample in samples if sample.image is not None]
+    failed = [(sample.index, sample.reason) for sample in samples if sample.image is None]
     if not decoded:
         empty = torch.empty(0, dtype=torch.long)
         return Batch(images=torch.empty(0), labels=empty, indices=empty.clone(), failed=failed)
     return Batch(
-        images=torch.stack([image for image, _, _ in decoded]),
-        labels=torch.tensor([label for _, label, _ in decoded], dtype=torch.long),
-        indices=torch.tensor([index for _, _, index in decoded], dtype=torch.long),
+        images=torch.stack([sample.image for sample in decoded]),
+        labels=torch.tensor([sample.label for sample in decoded], dtype=torch.long),
+        indices=torch.tensor([sample.index for sample in decoded], dtype=torch.long),
         failed=failed,
     )
 

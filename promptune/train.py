@@ -13,10 +13,11 @@ import torch
 from torch import nn
 
 from promptune.data import Batch, derive_seed
-from promptune.devices import autocast
 from promptune.errors import MethodError
 from promptune.methods.base import PromptMethod
+from promptune.methods.registry import TrainDefaults
 from promptune.reporting import Reporter, SilentReporter
+from promptune.runtime import Runtime
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 
@@ -33,7 +34,17 @@ class TrainConfig:
     optimizer: str = "adamw"  # "adam" | "adamw" | "sgd"
     eps: float = 1e-8  # Adam epsilon
     seed: int = 0  # seeds python, torch and the loader order
-    amp_dtype: torch.dtype = torch.float32  # autocast dtype; fp32 = no autocast
+
+    @classmethod
+    def from_defaults(cls, defaults: TrainDefaults, seed: int = 0, **overrides: float | None) -> TrainConfig:
+        """A method's training defaults, with each override that is not None (the user's --epochs, --lr, ...)."""
+        fields = {f.name for f in dataclasses.fields(cls)} - {"seed"}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise TypeError(f"TrainConfig has no field(s) {', '.join(unknown)}")
+        values = {name: getattr(defaults, name) for name in fields}
+        values.update({name: value for name, value in overrides.items() if value is not None})
+        return cls(**values, seed=seed)
 
 
 @dataclass
@@ -132,18 +143,30 @@ def _to_device(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.
 
 
 @torch.no_grad()
-def accuracy(method: nn.Module, loader: Iterable[Batch], device: torch.device, amp_dtype: torch.dtype) -> float | None:
+def accuracy(method: nn.Module, loader: Iterable[Batch], runtime: Runtime) -> float | None:
     method.eval()
     correct = total = 0
     for batch in loader:
         if batch.labels.numel() == 0:
             continue
-        images, labels = _to_device(batch, device)
-        with autocast(device, amp_dtype):
+        images, labels = _to_device(batch, runtime.device)
+        with runtime.autocast():
             logits = method(images)
         correct += int((logits.argmax(-1) == labels).sum())
         total += labels.numel()
     return correct / total if total else None
+
+
+class TrainStep(nn.Module):
+    """The forward of one training step, `(loss, logits)` of the method for a batch, as one module: what DDP and
+    `torch.compile` wrap. It owns no state; the method's learned parameters are its parameters."""
+
+    def __init__(self, method: PromptMethod) -> None:
+        super().__init__()
+        self.method = method
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.method.training_loss(images, labels)
 
 
 def _snapshot(method: PromptMethod) -> dict[str, torch.Tensor]:
@@ -187,15 +210,16 @@ def _never() -> bool:
 class Trainer:
     """One training run. `fit` runs the epochs left; `state`/`restore` make it resumable after any step."""
 
-    def __init__(self, method: PromptMethod, cfg: TrainConfig, device: torch.device, steps_per_epoch: int,
+    def __init__(self, method: PromptMethod, cfg: TrainConfig, runtime: Runtime, steps_per_epoch: int,
                  compile_step: bool = False) -> None:
         self.method = method
-        self.loss_fn = torch.compile(method.training_loss) if compile_step else method.training_loss
+        self.step = TrainStep(method)
+        self.forward: nn.Module = torch.compile(self.step) if compile_step else self.step
         self.cfg = cfg
-        self.device = device
+        self.runtime = runtime
         self.optimizer = build_optimizer(method.param_groups(cfg.weight_decay), cfg)
         self.schedule = build_schedule(self.optimizer, cfg, steps_per_epoch)
-        use_scaler = device.type == "cuda" and cfg.amp_dtype == torch.float16
+        use_scaler = runtime.device.type == "cuda" and runtime.amp_dtype == torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
         self.summary = TrainSummary()
         self.best_state: dict[str, torch.Tensor] | None = None
@@ -203,8 +227,8 @@ class Trainer:
         self.progress = EpochProgress()  # of epoch `self.epoch + 1`
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
-        with autocast(self.device, self.cfg.amp_dtype):
-            loss, logits = self.loss_fn(images, labels)
+        with self.runtime.autocast():
+            loss, logits = self.forward(images, labels)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
@@ -224,7 +248,7 @@ class Trainer:
             progress.wait += time.perf_counter() - mark
             self.summary.skipped_images += len(batch.failed)
             if batch.labels.numel():
-                images, labels = _to_device(batch, self.device)
+                images, labels = _to_device(batch, self.runtime.device)
                 loss, hits = self.train_step(images, labels)
                 progress.loss_sum += loss * labels.numel()
                 progress.correct += hits
@@ -276,7 +300,7 @@ class Trainer:
                 if checkpoint is not None:
                     checkpoint(self)
                 raise TrainingStopped(epoch, self.progress.step)
-            val_acc = accuracy(self.method, val_loader, self.device, self.cfg.amp_dtype) if val_loader is not None else None
+            val_acc = accuracy(self.method, val_loader, self.runtime) if val_loader is not None else None
             p = self.progress
             stats = EpochStats(epoch, p.loss_sum / max(p.seen, 1), p.correct / max(p.seen, 1), val_acc, p.seconds,
                                p.seen / max(p.seconds, 1e-9), p.wait / max(p.seconds, 1e-9))
@@ -308,7 +332,7 @@ class Trainer:
                 else:
                     scalars.setdefault(str(index), {})[key] = value
         tensors["rng.torch"] = torch.get_rng_state()
-        if torch.cuda.is_available() and self.device.type == "cuda":
+        if torch.cuda.is_available() and self.runtime.device.type == "cuda":
             for index, rng in enumerate(torch.cuda.get_rng_state_all()):
                 tensors[f"rng.cuda.{index}"] = rng
         schedule = {k: v for k, v in self.schedule.state_dict().items() if k != "lr_lambdas"}
@@ -331,7 +355,7 @@ class Trainer:
             for name, p in params.items():
                 p.copy_(tensors[f"param.{name}"])
         if meta["has_best"]:
-            self.best_state = {name: tensors[f"best.{name}"].to(self.device) for name in self.method.learned_state()}
+            self.best_state = {name: tensors[f"best.{name}"].to(self.runtime.device) for name in self.method.learned_state()}
         optimizer_state: dict[int, dict[str, Any]] = {}
         for key, value in tensors.items():
             if key.startswith("optimizer."):
@@ -350,5 +374,5 @@ class Trainer:
         random.setstate((version, tuple(internal), gauss))
         torch.set_rng_state(tensors["rng.torch"])
         cuda_states = [tensors[f"rng.cuda.{i}"] for i in range(len(tensors)) if f"rng.cuda.{i}" in tensors]
-        if cuda_states and self.device.type == "cuda":
+        if cuda_states and self.runtime.device.type == "cuda":
             torch.cuda.set_rng_state_all(cuda_states)

@@ -30,9 +30,9 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import promptune
-import promptune.api as api
 from promptune.artifact import load_prompt_file
 from promptune.cli import app
+from promptune.train import Trainer
 
 from conftest import TINY_CLIP_CONFIG, make_clip_files, make_shape_folder
 
@@ -226,6 +226,12 @@ def folded_duplicate(e: Env) -> list:
     return ["tune", data]
 
 
+def case_duplicate(e: Env) -> list:
+    data = e.data()
+    (data / "green-circle").rename(data / "Red_Square")  # CLIP reads "Red Square" as "red square": one class name
+    return ["tune", data]
+
+
 def only_corrupt_class(e: Env) -> list:
     data = e.data()
     for image in (data / "green-circle").iterdir():
@@ -377,6 +383,8 @@ CASES = {
     "non-utf8-class-name": Case(non_utf8_class, 1, ("class folder 'caf\\xe9'", "not valid UTF-8")),
     "very-long-class-name": Case(long_class_name, 0, check=long_name_trained),
     "duplicate-after-folding": Case(folded_duplicate, 1, ("'red square' and 'red_square'", "both become the class name")),
+    "duplicate-ignoring-case": Case(case_duplicate, 1, ("class folders 'Red_Square' and 'red_square' both become the "
+                                                        "class name 'red square'; rename one",)),
     # ---- bad images among good ones: skipped with a warning, never fatal
     "zero-byte-image": Case(bad_image("zero.png", lambda good: b""), 0, ("empty file (0 bytes)",), skipped="zero.png"),
     "truncated-image": Case(bad_image("cut.png", half), 0, ("truncated image data",), skipped="cut.png"),
@@ -453,6 +461,10 @@ CASES = {
     "classes-empty": Case(predict_with("--classes", ""), 1, ("--classes is empty",)),
     "classes-only-commas": Case(predict_with("--classes", " , "), 1, ("--classes is empty",)),
     "classes-duplicates": Case(predict_with("--classes", "cat,dog,cat"), 1, ("--classes has duplicate names: cat",)),
+    "classes-duplicates-ignoring-case": Case(predict_with("--classes", "Cat,dog,cat"), 1, (
+        "--classes names 'Cat' and 'cat' both become the class name 'cat'; give each class once",)),
+    "classes-duplicates-after-folding": Case(predict_with("--classes", "golden_retriever,golden retriever"), 1, (
+        "--classes names 'golden_retriever' and 'golden retriever' both become the class name 'golden retriever'",)),
     "classes-and-classes-file": Case(predict_with("--classes", "cat", "--classes-file", "x.txt"), 1, ("either --classes or --classes-file",)),
     "classes-file-empty": Case(classes_file(b"\n  \n"), 1, ("--classes-file", "has no class names")),
     "classes-file-not-utf8": Case(classes_file(b"caf\xe9\n"), 1, ("Cannot read --classes-file", "can't decode")),
@@ -547,7 +559,7 @@ def test_bad_input(name: str, env: Env) -> None:
         def no_training(*_args: object, **_kwargs: object) -> None:
             raise AssertionError("a tune that must fail went on to train")
 
-        env.monkeypatch.setattr(api.Trainer, "fit", no_training)
+        env.monkeypatch.setattr(Trainer, "fit", no_training)
     result = runner.invoke(app, args)
     if case.code == 0:
         _assert_ok(result, case, env, args[0])

@@ -18,11 +18,11 @@ import torch
 from typer.testing import CliRunner
 
 import promptune
-import promptune.api as api
+import promptune.run as tune_run
 import promptune.artifact as artifact
 from promptune.cli import app
 from promptune.methods.coop import CoOp
-from promptune.train import TrainSummary
+from promptune.train import Trainer, TrainSummary
 
 runner = CliRunner()
 
@@ -235,15 +235,15 @@ def _must_not_run(*_args, **_kwargs):
 
 
 def test_out_into_a_missing_folder_fails_before_training(shape_folder, fast, tmp_path, monkeypatch):
-    monkeypatch.setattr(api, "load_training_data", _must_not_run)
-    monkeypatch.setattr(api, "load_backbone", _must_not_run)
+    monkeypatch.setattr(tune_run, "load_training_data", _must_not_run)
+    monkeypatch.setattr(tune_run, "load_backbone", _must_not_run)
     result = invoke("tune", shape_folder, *fast, "--out", tmp_path / "missing" / "p.safetensors")
     assert_user_error(result, "missing", "does not exist")
     assert not (tmp_path / "missing").exists()
 
 
 def test_out_is_a_folder(shape_folder, fast, tmp_path, monkeypatch):
-    monkeypatch.setattr(api, "load_training_data", _must_not_run)
+    monkeypatch.setattr(tune_run, "load_training_data", _must_not_run)
     assert_user_error(invoke("tune", shape_folder, *fast, "--out", tmp_path), "folder")
 
 
@@ -266,7 +266,7 @@ def test_interrupted_training_leaves_the_prompt_file_untouched(shape_folder, fas
     def interrupted(self, *args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(api.Trainer, "fit", interrupted)
+    monkeypatch.setattr(Trainer, "fit", interrupted)
     result = invoke("tune", shape_folder, *fast, "--out", existing)
     assert_user_error(result, "interrupted", code=130)
     _assert_untouched(existing, before)
@@ -289,7 +289,7 @@ def test_diverged_training_leaves_the_prompt_file_untouched(shape_folder, fast, 
 @pytest.mark.parametrize("failure", [KeyboardInterrupt(), OSError(28, "No space left on device")])
 def test_failure_while_writing_leaves_the_prompt_file_untouched(shape_folder, fast, existing, monkeypatch, failure):
     before = existing.read_bytes()
-    monkeypatch.setattr(api.Trainer, "fit", lambda self, *a, **k: TrainSummary())  # skip training: only the write matters
+    monkeypatch.setattr(Trainer, "fit", lambda self, *a, **k: TrainSummary())  # skip training: only the write matters
     real_save = artifact.save_file
 
     def dies_mid_write(tensors, filename, metadata=None):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from promptune.data import ImageDataset, build_transform, decode_image, load_eva
 from promptune.errors import MethodError
 from promptune.methods.coop import CoOp, CoOpConfig
 from promptune.methods.zeroshot import ZeroShotCLIP
+from promptune.runtime import Runtime
 from promptune.train import TrainConfig, Trainer
 from conftest import assert_checkpointing_is_exact
 
@@ -74,7 +76,7 @@ def test_a_training_step_changes_only_the_context(backbone, class_names, shape_f
                          workers=0)
     batch = next(iter(loader))
     cfg = TrainConfig(epochs=1, lr=0.01, weight_decay=5e-4, batch_size=12, warmup_epochs=0, optimizer="sgd")
-    trainer = Trainer(model, cfg, torch.device("cpu"), steps_per_epoch=1)
+    trainer = Trainer(model, cfg, Runtime(torch.device("cpu")), steps_per_epoch=1)
     model.train()
     loss, _ = trainer.train_step(batch.images, batch.labels)
 
@@ -170,6 +172,27 @@ def test_eval_and_predict_report_progress_over_every_image(model, shape_test_fol
     predictions, problems = model.predict(paths, batch_size=4, workers=0)
     assert len(problems) == 1 and sum(n for n, _ in seen) == len(predictions) + 1  # the unreadable one counts too
     assert {t for _, t in seen} == {len(predictions) + 1}
+
+
+def test_an_unreadable_image_is_decoded_once_and_its_reason_reported(model, shape_test_folder, tmp_path, monkeypatch):
+    import promptune.data
+
+    folder = tmp_path / "test"
+    shutil.copytree(shape_test_folder, folder)
+    (folder / "red_square" / "broken.png").write_bytes(b"not a png")
+    decoded: list[str] = []
+    real_decode = promptune.data.decode_image
+
+    def counting(path):
+        decoded.append(Path(path).name)
+        return real_decode(path)
+
+    monkeypatch.setattr(promptune.data, "decode_image", counting)
+    report = model.evaluate(folder, batch_size=5, zero_shot=False, workers=0)
+    assert report.skip_reasons == {str(folder / "red_square" / "broken.png"): "not a recognised image format"}
+    _, problems = model.predict([str(folder / "red_square" / "broken.png")], workers=0)
+    assert problems == [f"{folder / 'red_square' / 'broken.png'}: unreadable image (not a recognised image format)."]
+    assert decoded.count("broken.png") == 2  # once by evaluate, once by predict: never again to find out why
 
 
 def test_text_features_are_cached_at_eval(model, shape_test_folder):

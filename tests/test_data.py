@@ -18,6 +18,7 @@ from promptune.data import (
     ImageDataset,
     ImageItem,
     Preprocess,
+    Sample,
     TrainingData,
     UnreadableImageError,
     build_transform,
@@ -570,11 +571,14 @@ def test_loader_drops_unreadable_images_and_reports_their_indices(tmp_path: Path
     bad_index = next(i for i, item in enumerate(evaluation.items) if item.path.name == "zz_corrupt.png")
     dataset = ImageDataset(evaluation.items, build_transform(PRE, train=False))
 
-    assert dataset[bad_index] == (None, evaluation.items[bad_index].label, bad_index)
+    reason = "corrupt image data"
+    assert dataset[bad_index][:3] == (None, evaluation.items[bad_index].label, bad_index)
+    assert dataset[bad_index].reason.startswith(reason)
     batches = list(make_loader(dataset, batch_size=4, shuffle=False, workers=workers))
 
     assert all(isinstance(batch, Batch) for batch in batches)
-    assert [i for batch in batches for i in batch.failed] == [bad_index]
+    failed = [entry for batch in batches for entry in batch.failed]  # the reason travels with the batch, from workers too
+    assert [i for i, _ in failed] == [bad_index] and failed[0][1] == dataset[bad_index].reason
     indices = torch.cat([batch.indices for batch in batches]).tolist()
     assert sorted(indices) == [i for i in range(len(evaluation.items)) if i != bad_index]
     for batch in batches:
@@ -583,8 +587,8 @@ def test_loader_drops_unreadable_images_and_reports_their_indices(tmp_path: Path
 
 
 def test_collate_when_every_sample_failed() -> None:
-    batch = collate_skipping([(None, 0, 5), (None, 1, 6)])
-    assert batch.failed == [5, 6]
+    batch = collate_skipping([Sample(None, 0, 5, "empty file (0 bytes)"), Sample(None, 1, 6, "file not found")])
+    assert batch.failed == [(5, "empty file (0 bytes)"), (6, "file not found")]
     assert batch.images.numel() == 0 and batch.labels.numel() == 0 and batch.indices.numel() == 0
 
 
@@ -594,7 +598,7 @@ def test_shuffling_is_seeded(tmp_path: Path) -> None:
 
     def order(seed: int) -> list[int]:
         loader = make_loader(dataset, batch_size=16, shuffle=True, seed=seed, workers=0)
-        return [i for batch in loader for i in batch.failed]  # files do not exist: every index lands in .failed
+        return [i for batch in loader for i, _ in batch.failed]  # files do not exist: every index lands in .failed
 
     assert order(1) == order(1)
     assert order(1) != order(2) and sorted(order(1)) == list(range(16))

@@ -18,7 +18,8 @@ from promptune.api import tune
 from promptune.checkpoint import INDEX_NAME, CheckpointError, default_checkpoint_dir, has_checkpoint
 from promptune.stop import RunInterrupted, StopSignals
 from promptune.reporting import SilentReporter
-from promptune.train import Trainer, TrainConfig
+from promptune.runtime import Runtime
+from promptune.train import Trainer, TrainConfig, TrainStep
 
 from conftest import make_shape_folder
 
@@ -149,7 +150,7 @@ def test_resume_and_checkpoint_mistakes(small_folder, vit_file, tmp_path):
 
 
 def test_an_unwritable_checkpoint_folder_is_refused_before_training(small_folder, vit_file, tmp_path, monkeypatch):
-    import promptune.api
+    import promptune.checkpoint
 
     target = tmp_path / "locked" / "nested"
     asked: list[Path] = []
@@ -158,7 +159,7 @@ def test_an_unwritable_checkpoint_folder_is_refused_before_training(small_folder
         asked.append(Path(path))
         return False
 
-    monkeypatch.setattr(promptune.api.os, "access", no_write)
+    monkeypatch.setattr(promptune.checkpoint.os, "access", no_write)
     with pytest.raises(CheckpointError, match=r"Cannot write checkpoints in .*pass --checkpoint-dir DIR or --no-checkpoint"):
         tune(small_folder, out=tmp_path / "p.safetensors", checkpoint_dir=target, **_options("spt", None, vit_file))
     assert asked == [tmp_path]  # the nearest folder that exists is the one that decides
@@ -172,14 +173,17 @@ def test_no_checkpoint_writes_none(small_folder, vit_file, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_trainer_compile_option_wraps_the_training_loss():
+def test_trainer_compile_option_wraps_the_training_step():
     model = torch.nn.Linear(2, 2)
-    model.training_loss = lambda images, labels: None  # never called: compiling happens on the first call
+    model.training_loss = lambda images, labels: (images.sum() * 0, images)
     model.param_groups = lambda decay: [{"params": list(model.parameters()), "weight_decay": decay}]
     cfg = TrainConfig(epochs=1, lr=0.1, weight_decay=0.0, batch_size=2)
-    assert Trainer(model, cfg, torch.device("cpu"), 1).loss_fn is model.training_loss
-    compiled = Trainer(model, cfg, torch.device("cpu"), 1, compile_step=True).loss_fn
-    assert compiled is not model.training_loss and callable(compiled)
+    plain = Trainer(model, cfg, Runtime(torch.device("cpu")), 1)
+    assert isinstance(plain.step, TrainStep) and plain.forward is plain.step and plain.step.method is model
+    images = torch.ones(2, 2)
+    assert plain.forward(images, None)[1] is images  # the step's forward is the method's training loss
+    compiled = Trainer(model, cfg, Runtime(torch.device("cpu")), 1, compile_step=True)
+    assert compiled.forward is not compiled.step and compiled.forward._orig_mod is compiled.step  # compiled lazily
 
 
 def test_stop_signals_outside_training_and_twice():

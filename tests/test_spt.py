@@ -203,18 +203,22 @@ def test_same_seed_same_init_other_seed_other_init(vit, init):
     assert not torch.equal(first, prompts(4))
 
 
-def test_init_images_draws_a_seeded_subset_from_a_loader(vit, shape_folder):
+def test_init_images_asks_the_run_for_a_seeded_subset(vit, shape_folder):
+    method = spt(vit, prompts_per_layer=4, init_images=5)
+    subset = method.prepare_subset(36, seed=0)
+    assert subset == sorted(set(subset)) and len(subset) == 5 and all(0 <= i < 36 for i in subset)
+    assert method.prepare_subset(36, seed=0) == subset and method.prepare_subset(36, seed=1) != subset
+    assert method.prepare_subset(5, seed=0) is None and method.prepare_subset(3, seed=0) is None  # all images
+    assert spt(vit, prompts_per_layer=4).prepare_subset(36, seed=0) is None  # init_images unset: all images
+    assert spt(vit, cls=VPT, prompts_per_layer=4).prepare_subset(36, seed=0) is None  # VPT reads no image
+
     classes = scan_classes(shape_folder)
     items = [ImageItem(path, label) for label, name in enumerate(sorted(classes)) for path in classes[name]]
-    loader = make_loader(ImageDataset(items, build_transform(PREPROCESS, train=False)), 8, shuffle=False, workers=0)
-    runs = []
-    for _ in range(2):
-        method = spt(vit, prompts_per_layer=4, init_images=5)
-        method.prepare(loader, torch.device("cpu"), seed=0)
-        assert method.init_summary["images"] == 5 and method.init_summary["tokens_seen_per_layer"] == 5 * 9
-        runs.append(method.prompts.detach().clone())
-    assert torch.equal(runs[0], runs[1])
-    plain = spt(vit, prompts_per_layer=4, init_images=6)  # a plain iterable: the first 6 images in stream order
+    chosen = [items[i] for i in method.prepare_subset(len(items), seed=0)]
+    loader = make_loader(ImageDataset(chosen, build_transform(PREPROCESS, train=False)), 8, shuffle=False, workers=0)
+    method.prepare(loader, torch.device("cpu"), seed=0)
+    assert method.init_summary["images"] == 5 and method.init_summary["tokens_seen_per_layer"] == 5 * 9
+    plain = spt(vit, prompts_per_layer=4, init_images=6)  # any other stream: the first 6 images in stream order
     plain.prepare(image_batches(), torch.device("cpu"), seed=0)
     assert plain.init_summary["images"] == 6
 
@@ -471,7 +475,7 @@ def test_short_spt_training_beats_chance_on_held_out_images(vit, tmp_path):
         classes = scan_classes(root)
         items = [ImageItem(path, label) for label, name in enumerate(sorted(classes)) for path in classes[name]]
         dataset = ImageDataset(items, transform)
-        images, labels, _ = zip(*(dataset[i] for i in range(len(dataset))))
+        images, labels, _, _ = zip(*(dataset[i] for i in range(len(dataset))))
         return torch.stack(images), torch.tensor(labels)
 
     train_images, train_labels = load(train_root)

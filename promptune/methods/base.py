@@ -11,35 +11,33 @@ from torch import nn
 
 from promptune.backbones import Backbone, Family
 from promptune.errors import MethodError, PromptFileError
+from promptune.methods.registry import TrainDefaults, method_spec
 
 
-@dataclasses.dataclass
-class TrainDefaults:
-    epochs: int = 10  # passes over the (k-shot) training set
-    lr: float = 2e-3  # peak learning rate
-    weight_decay: float = 5e-4  # default decay for learned tensors (methods may set per-group decay)
-    batch_size: int = 32
-    shots: int | None = None  # images per class when --shots is not given (None = all)
-    warmup_epochs: float = 1.0  # warm-up length in epochs (fractions allowed)
-    warmup: str = "linear"  # "linear" (0 -> lr) or "constant" (warmup_lr, as CoOp/SEP)
-    warmup_lr: float = 1e-5  # learning rate during a constant warm-up
-    optimizer: str = "adamw"  # "adam" | "adamw" | "sgd"
-    eps: float = 1e-8  # Adam epsilon
+class _Registered:
+    """A class attribute read from the method's entry in `promptune.methods.registry`, the one place it is set."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.field = name
+
+    def __get__(self, instance: object, owner: type[PromptMethod]) -> Any:
+        return getattr(method_spec(owner.name), self.field)
 
 
 class PromptMethod(nn.Module):
     """A frozen backbone plus the few tensors a method learns.
 
-    Subclasses set the class attributes, define a `Config` dataclass of hyper-parameters (all JSON-serialisable), and
-    implement `forward` (logits over the current classes) and `learned_state`/`_load_tensors`.
+    Subclasses have a line in `promptune.methods.registry`, set `name` to it, define a `Config` dataclass of
+    hyper-parameters (all JSON-serialisable), and implement `forward` (logits over the current classes) and
+    `learned_state`/`_load_tensors`.
     """
 
-    name: ClassVar[str]
-    family: ClassVar[Family]
+    name: ClassVar[str]  # its registry name; `family`, `defaults` and `description` come from its registry entry
+    family: ClassVar[Family] = _Registered()
+    defaults: ClassVar[TrainDefaults] = _Registered()
+    description: ClassVar[str] = _Registered()
     open_vocabulary: ClassVar[bool] = False  # can classify into class names never trained
     Config: ClassVar[type]
-    defaults: ClassVar[TrainDefaults] = TrainDefaults()
-    description: ClassVar[str] = ""
     prepare_progress: Callable[[int], None] | None = None  # told each prepared batch's image count (progress bars)
     grad_checkpointing: bool = False  # recompute each block's activations in backward (see set_grad_checkpointing)
 
@@ -82,13 +80,19 @@ class PromptMethod(nn.Module):
     def prepare(self, loader: Iterable, device: torch.device, seed: int) -> None:
         """Data-dependent initialisation before the first step (SPT prototypes, SEP class centres). No-op by default.
 
-        `loader` yields `promptune.data.Batch` objects over the training images with the deterministic eval transform.
-        A method that reads images here overrides `prepare_images` and calls `_prepared(n)` after each batch.
+        `loader` yields `promptune.data.Batch` objects over the training images with the deterministic eval transform
+        (those of `prepare_subset`). A method that reads images here overrides `prepare_images` (a run calls `prepare`
+        only when it is above 0) and calls `_prepared(n)` after each batch.
         """
 
     def prepare_images(self, available: int) -> int:
         """How many of the `available` training images `prepare` will read (0: it reads none)."""
         return 0
+
+    def prepare_subset(self, available: int, seed: int) -> list[int] | None:
+        """Ascending indices of the training images `prepare` reads when it samples some of them; None: all of them,
+        in the run's seeded order. The run builds the loader over them."""
+        return None
 
     def _prepared(self, images: int) -> None:
         if self.prepare_progress is not None:
@@ -168,6 +172,18 @@ class PromptMethod(nn.Module):
         raise NotImplementedError
 
 
+def overlong_note(method: PromptMethod) -> str | None:
+    """One sentence when class names are cut short in the text prompts (None when all fit)."""
+    names = method.overlong_class_names()
+    if not names:
+        return None
+    shown = names[0] if len(names[0]) <= 40 else names[0][:40] + "..."
+    if len(names) == 1:
+        return f"class name '{shown}' is too long for the text encoder and is cut short in its text prompt."
+    return (f"{len(names)} class names are too long for the text encoder and are cut short in their text prompts "
+            f"(e.g. '{shown}').")
+
+
 def run_block(checkpointed: bool, segment: Callable[..., torch.Tensor], *args: Any) -> torch.Tensor:
     """`segment(*args)`, under non-reentrant activation checkpointing when `checkpointed`.
 
@@ -178,8 +194,3 @@ def run_block(checkpointed: bool, segment: Callable[..., torch.Tensor], *args: A
     if not checkpointed:
         return segment(*args)
     return torch.utils.checkpoint.checkpoint(segment, *args, use_reentrant=False)
-
-
-def named_learned_parameters(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter that requires grad, by name: the default `learned_state` for simple methods."""
-    return {name: p for name, p in module.named_parameters() if p.requires_grad}

@@ -14,7 +14,7 @@ from torch import nn
 from promptune.backbones import Backbone
 from promptune.data import prompt_name
 from promptune.errors import MethodError
-from promptune.methods.base import PromptMethod, TrainDefaults
+from promptune.methods.base import PromptMethod
 from promptune.methods.clip_text import ClipTextRunner, context_prompts
 
 
@@ -38,7 +38,6 @@ class ClassPrompts(nn.Module):
 class ClipPromptMethod(PromptMethod):
     """Shared CLIP plumbing: frozen image/text towers, class prompts, cached text features at eval."""
 
-    family = "clip"
     open_vocabulary = True
 
     def __init__(self, backbone: Backbone, class_names: list[str], config, n_ctx: int) -> None:
@@ -96,11 +95,6 @@ class ClipPromptMethod(PromptMethod):
 class CoOp(ClipPromptMethod):
     name = "coop"
     Config = CoOpConfig
-    description = "CoOp: learned text context (the classic CLIP prompt-tuning baseline)"
-    defaults = TrainDefaults(
-        epochs=50, lr=2e-3, weight_decay=5e-4, batch_size=32, shots=16,
-        warmup_epochs=1, warmup="constant", warmup_lr=1e-5, optimizer="sgd",
-    )
 
     def __init__(self, backbone: Backbone, class_names: list[str], config: CoOpConfig) -> None:
         runner = ClipTextRunner(backbone.model, backbone.tokenizer)

@@ -27,7 +27,7 @@ from torch import nn
 from promptune.backbones import Backbone
 from promptune.data import prompt_name
 from promptune.errors import MethodError
-from promptune.methods.base import TrainDefaults, run_block
+from promptune.methods.base import run_block
 from promptune.methods.coop import ClipPromptMethod
 
 
@@ -148,11 +148,6 @@ class SEP(ClipPromptMethod):
 
     name = "sep"
     Config = SEPConfig
-    description = "SEP: self-enhanced text + visual prompts with per-layer token fusion (open vocabulary)"
-    defaults = TrainDefaults(
-        epochs=50, lr=0.0025, weight_decay=5e-4, batch_size=32, shots=16,
-        warmup_epochs=1, warmup="constant", warmup_lr=1e-5, optimizer="adam", eps=1e-3,
-    )
 
     def __init__(self, backbone: Backbone, class_names: list[str], config: SEPConfig) -> None:
         super().__init__(backbone, class_names, config, config.n_ctx)

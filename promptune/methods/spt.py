@@ -22,11 +22,10 @@ from typing import Any, ClassVar, Iterable, Iterator
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset
 
 from promptune.backbones import Backbone
 from promptune.errors import MethodError
-from promptune.methods.base import PromptMethod, TrainDefaults, run_block
+from promptune.methods.base import PromptMethod, run_block
 from promptune.methods.vit_blocks import block_without_span, drop_span, supports_span_skipping
 
 DEPTHS = ("deep", "shallow")
@@ -196,22 +195,8 @@ class SPT(PromptMethod):
     """
 
     name: ClassVar[str] = "spt"
-    family: ClassVar = "vit"
     open_vocabulary: ClassVar[bool] = False
     Config: ClassVar[type] = SPTConfig
-    defaults: ClassVar[TrainDefaults] = TrainDefaults(
-        epochs=30,
-        lr=1e-3,
-        weight_decay=1e-2,
-        batch_size=32,
-        shots=None,
-        warmup_epochs=3.0,
-        warmup="linear",
-        optimizer="adamw",
-    )
-    description: ClassVar[str] = (
-        "Self-Prompt Tuning: deep visual prompts initialised from the data's own tokens + a linear head (timm ViT)."
-    )
     init_choices: ClassVar[tuple[str, ...]] = SPT_INITS
 
     def __init__(self, backbone: Backbone, class_names: list[str], config: Any = None) -> None:
@@ -384,38 +369,14 @@ class SPT(PromptMethod):
             if index + 1 < layers:
                 x = self.vit.blocks[index](x)
 
-    def _sampled_loader(self, loader: Iterable, seed: int) -> tuple[Iterable, int | None]:
-        """The images to collect from, and a cap on how many to take in stream order.
-
-        With `init_images` set and a sized DataLoader, a seeded subset of the dataset is loaded (so no unused image is
-        decoded). Any other iterable is cut after the first `init_images` images, so pass it shuffled.
-        """
-        wanted = self.config.init_images
-        if wanted is None:
-            return loader, None
-        dataset = getattr(loader, "dataset", None)
-        if isinstance(loader, DataLoader) and hasattr(dataset, "__len__") and wanted < len(dataset):
-            generator = torch.Generator().manual_seed(_layer_seed(seed, -1, 0))
-            chosen = torch.randperm(len(dataset), generator=generator)[:wanted].sort().values.tolist()
-            subset = DataLoader(
-                Subset(dataset, chosen),
-                batch_size=loader.batch_size or 32,
-                shuffle=False,
-                num_workers=loader.num_workers,
-                collate_fn=loader.collate_fn,
-                pin_memory=loader.pin_memory,
-            )
-            return subset, wanted
-        return loader, wanted
-
     def collect(self, loader: Iterable, device: torch.device, seed: int, budget: int) -> list[TokenReservoir]:
         """One no-grad, prompt-free pass over the loader, streaming each layer's input tokens into its reservoir."""
         pool_mode = self.config.init if self.config.init in ("mean", "max") else None
         reservoirs = [TokenReservoir(budget, _layer_seed(seed, layer, 1)) for layer in range(self._collected_layers())]
-        source, cap = self._sampled_loader(loader, seed)
+        cap = self.config.init_images  # the run passes `prepare_subset`'s images; any other stream is cut here
         images_used = 0
         with torch.no_grad():
-            for batch in source:
+            for batch in loader:
                 images = _batch_images(batch)
                 if cap is not None:
                     images = images[: cap - images_used]
@@ -446,6 +407,15 @@ class SPT(PromptMethod):
             return 0
         wanted = self.config.init_images
         return available if wanted is None else min(wanted, available)
+
+    def prepare_subset(self, available: int, seed: int) -> list[int] | None:
+        """With `init_images` below the number of training images, a seeded sample of them (so no unused image is
+        decoded); otherwise all of them."""
+        wanted = self.prepare_images(available)
+        if wanted in (0, available):
+            return None
+        generator = torch.Generator().manual_seed(_layer_seed(seed, -1, 0))
+        return torch.randperm(available, generator=generator)[:wanted].sort().values.tolist()
 
     def prepare(self, loader: Iterable, device: torch.device, seed: int) -> None:
         """Start every prompt set at token prototypes of the training images (see the module docstring).
@@ -513,7 +483,6 @@ class VPT(SPT):
 
     name: ClassVar[str] = "vpt"
     Config: ClassVar[type] = VPTConfig
-    description: ClassVar[str] = "Visual Prompt Tuning: deep visual prompts from uniform noise + a linear head (timm ViT)."
     init_choices: ClassVar[tuple[str, ...]] = ("xavier",)
 
     def prepare_images(self, available: int) -> int:

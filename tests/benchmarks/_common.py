@@ -107,7 +107,8 @@ def build_backbone(name: str):
     """A frozen random-weight promptune Backbone: open_clip for CLIP model names, timm for anything else."""
     import math
 
-    from promptune.backbones import Backbone, _clip_shape
+    from promptune.backbones import Backbone
+    from promptune.backbones.clip import _clip_shape
     from promptune.data import Preprocess
 
     torch.manual_seed(0)
@@ -159,10 +160,17 @@ def build_method(name: str, backbone, names: list[str], options: dict[str, Any] 
 
 def setup_device(name: str) -> tuple[torch.device, torch.dtype, int]:
     """(device, autocast dtype, CPU threads) exactly as `promptune tune` chooses them."""
-    from promptune.devices import configure_backend, resolve_device, resolve_precision
+    from promptune.runtime import Runtime
 
-    device = resolve_device(name)
-    return device, resolve_precision(device), configure_backend(device)
+    runtime = Runtime.create(name)
+    return runtime.device, runtime.amp_dtype, runtime.cpu_threads
+
+
+def runtime(device: torch.device, amp_dtype: torch.dtype):
+    """The one-process `Runtime` of `device` and `amp_dtype` (its `autocast()` is the one `tune` uses)."""
+    from promptune.runtime import Runtime
+
+    return Runtime(device, amp_dtype)
 
 
 def sync(device: torch.device) -> None:

@@ -45,7 +45,6 @@ def _cuda_peak(device, fn: Callable[[], Any]) -> float | None:
 
 
 def bench_clip(args, device, amp_dtype) -> dict[str, Any]:
-    from promptune.devices import autocast
     from promptune.methods.zeroshot import ZeroShotCLIP
 
     sep_cls, why = common.load_method_class("sep")
@@ -65,18 +64,18 @@ def bench_clip(args, device, amp_dtype) -> dict[str, Any]:
         entry["zero_shot_text_pass_s"] = round(time.perf_counter() - started, 3)
 
         def zs() -> None:
-            with torch.no_grad(), autocast(device, amp_dtype):
+            with torch.no_grad(), common.runtime(device, amp_dtype).autocast():
                 zero_shot(images)
 
         runs = {"zero_shot": zs}
         if sep_cls is not None:
             method = sep_cls(backbone, names, sep_cls.make_config({})).to(device).eval()
-            with torch.no_grad(), autocast(device, amp_dtype):
+            with torch.no_grad(), common.runtime(device, amp_dtype).autocast():
                 method._text_cache = None
                 entry["sep_text_pass_s"] = round(common.timed(method.text_features, device), 3)
 
             def sep() -> None:
-                with torch.no_grad(), autocast(device, amp_dtype):
+                with torch.no_grad(), common.runtime(device, amp_dtype).autocast():
                     method(images)
 
             runs["sep"] = sep
@@ -92,7 +91,6 @@ def bench_clip(args, device, amp_dtype) -> dict[str, Any]:
 
 
 def bench_vit(args, device, amp_dtype) -> dict[str, Any]:
-    from promptune.devices import autocast
 
     spt_cls, why = common.load_method_class("spt")
     backbone = common.build_backbone(args.vit_backbone)
@@ -104,7 +102,7 @@ def bench_vit(args, device, amp_dtype) -> dict[str, Any]:
         out["spt"] = why
 
     def timm_forward() -> None:
-        with torch.no_grad(), autocast(device, amp_dtype):
+        with torch.no_grad(), common.runtime(device, amp_dtype).autocast():
             model(images)
 
     for count in args.classes:
@@ -114,7 +112,7 @@ def bench_vit(args, device, amp_dtype) -> dict[str, Any]:
                              spt_cls.make_config({"depth": "deep", "prompts_per_layer": args.prompts})).to(device).eval()
 
             def spt() -> None:
-                with torch.no_grad(), autocast(device, amp_dtype):
+                with torch.no_grad(), common.runtime(device, amp_dtype).autocast():
                     method(images)
 
             runs["spt"] = spt

@@ -79,7 +79,6 @@ def data_wait(spec: dict[str, Any]) -> dict[str, Any]:
     import time
 
     from promptune.data import ImageDataset, build_transform, default_workers, load_training_data, make_loader
-    from promptune.devices import autocast
     from promptune.train import Trainer, TrainConfig, seed_everything
 
     device, amp_dtype, threads = common.setup_device(spec["device"])
@@ -104,17 +103,17 @@ def data_wait(spec: dict[str, Any]) -> dict[str, Any]:
         defaults = cls.defaults
         cfg = TrainConfig(epochs=spec["epochs"], lr=defaults.lr, weight_decay=defaults.weight_decay, batch_size=batch,
                           warmup_epochs=defaults.warmup_epochs, warmup=defaults.warmup, warmup_lr=defaults.warmup_lr,
-                          optimizer=defaults.optimizer, eps=defaults.eps, seed=seed, amp_dtype=amp_dtype)
+                          optimizer=defaults.optimizer, eps=defaults.eps, seed=seed)
         pin = device.type == "cuda"
         train_set = ImageDataset(data.train, build_transform(backbone.preprocess, train=True))
         train_loader = make_loader(train_set, batch, shuffle=True, seed=seed, workers=workers, pin_memory=pin)
         prepare_loader = make_loader(ImageDataset(data.train, build_transform(backbone.preprocess, train=False)), batch,
                                      shuffle=True, seed=seed, workers=workers, pin_memory=pin)
         started = time.perf_counter()
-        with torch.no_grad(), autocast(device, amp_dtype):
+        with torch.no_grad(), common.runtime(device, amp_dtype).autocast():
             method.prepare(prepare_loader, device, seed)
         result["prepare_s"] = round(time.perf_counter() - started, 2)
-        trainer = Trainer(method, cfg, device, steps_per_epoch=len(train_loader))
+        trainer = Trainer(method, cfg, common.runtime(device, amp_dtype), steps_per_epoch=len(train_loader))
         summary = trainer.fit(train_loader, None)
     epochs = [
         {"epoch": e.epoch, "seconds": round(e.seconds, 2), "images_per_s": round(e.images_per_s, 2),
@@ -152,7 +151,6 @@ def single(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["case"] == "data_wait":
         return data_wait(spec)
     device, amp_dtype, threads = common.setup_device(spec["device"])
-    from promptune.devices import autocast
 
     backbone = common.build_backbone(spec["backbone"])
     backbone.model.to(device)
@@ -164,7 +162,7 @@ def single(spec: dict[str, Any]) -> dict[str, Any]:
         forward = _forward(backbone)
 
         def step() -> None:
-            with torch.no_grad(), autocast(device, amp_dtype):
+            with torch.no_grad(), common.runtime(device, amp_dtype).autocast():
                 forward(images)
 
         runs = {"step": step}
@@ -173,7 +171,7 @@ def single(spec: dict[str, Any]) -> dict[str, Any]:
 
         def step() -> None:
             x = images.clone().requires_grad_(True)
-            with autocast(device, amp_dtype):
+            with common.runtime(device, amp_dtype).autocast():
                 out = forward(x)
             out.float().sum().backward()
 
@@ -187,8 +185,8 @@ def single(spec: dict[str, Any]) -> dict[str, Any]:
         result["grad_checkpointing"] = method.grad_checkpointing
         method.train()
         config = TrainConfig(epochs=1, lr=1e-3, weight_decay=5e-4, batch_size=batch, warmup_epochs=0.0,
-                             optimizer="adam", amp_dtype=amp_dtype)
-        trainer = Trainer(method, config, device, steps_per_epoch=10**6)
+                             optimizer="adam")
+        trainer = Trainer(method, config, common.runtime(device, amp_dtype), steps_per_epoch=10**6)
         result["learned_parameters"] = sum(p.numel() for g in method.param_groups(5e-4) for p in g["params"])
         text = getattr(method, "text", None)
         if text is not None:

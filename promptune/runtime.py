@@ -1,18 +1,21 @@
-"""Device and precision choice: cuda, else mps, else cpu; autocast on CUDA only."""
+"""Where a run executes: one device, one autocast dtype, and this process's place among torchrun's processes.
+
+A `Runtime` is made once per command from the user's --device / --precision; the trainer, the model's forward
+passes and `TunedModel` take it instead of a (device, dtype) pair.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
-from typing import Literal
+from dataclasses import dataclass
 
 import torch
 
 from promptune.errors import DeviceError
 
-DeviceName = Literal["auto", "cuda", "mps", "cpu"]
-Precision = Literal["auto", "fp32", "bf16", "fp16"]
 DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
+PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
 
 
 def _mps_available() -> bool:
@@ -41,8 +44,8 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 def resolve_precision(device: torch.device, precision: str = "auto") -> torch.dtype:
     """The autocast dtype: bf16 (or fp16) on CUDA by default, fp32 elsewhere unless asked."""
-    if precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise DeviceError(f"Unknown precision '{precision}'; choose one of: auto, fp32, bf16, fp16.")
+    if precision not in PRECISION_CHOICES:
+        raise DeviceError(f"Unknown precision '{precision}'; choose one of: {', '.join(PRECISION_CHOICES)}.")
     if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
         return torch.float32
     if precision == "auto":
@@ -50,10 +53,42 @@ def resolve_precision(device: torch.device, precision: str = "auto") -> torch.dt
     return torch.bfloat16 if precision == "bf16" else torch.float16
 
 
-def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+@dataclass(frozen=True)
+class Runtime:
+    """The device and autocast dtype of this process, and its rank among `world_size` processes (1: a plain run)."""
+
+    device: torch.device
+    amp_dtype: torch.dtype = torch.float32  # fp32 = no autocast
+    rank: int = 0  # this process among all processes (torchrun's RANK)
+    local_rank: int = 0  # this process among those on its machine (LOCAL_RANK)
+    world_size: int = 1  # processes in the run (WORLD_SIZE)
+    cpu_threads: int = 0  # CPU threads torch uses in this process (0: not configured)
+
+    @classmethod
+    def create(cls, device: str = "auto", precision: str = "auto") -> Runtime:
+        """The runtime of this process: resolves --device / --precision and configures the backend, once."""
+        torch_device = resolve_device(device)
+        amp_dtype = resolve_precision(torch_device, precision)
+        return cls(torch_device, amp_dtype, cpu_threads=configure_backend(torch_device))
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_primary(self) -> bool:
+        """Rank 0: the one process that writes files and talks to the user."""
+        return self.rank == 0
+
+    @property
+    def precision(self) -> str:
+        return str(self.amp_dtype).replace("torch.", "")
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Mixed precision for the forward passes; a no-op in fp32."""
+        if self.amp_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
 
 def configure_backend(device: torch.device) -> int:

@@ -1,0 +1,120 @@
+"""CLIP backbones through open_clip: a model name or config JSON, weights from a pretrained tag or a local file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from promptune.backbones import FAMILIES, Backbone, freeze
+from promptune.backbones.loading import local_weights, offline_hint, quiet_libraries
+from promptune.data import Preprocess
+from promptune.errors import BackboneError
+from promptune.fileio import file_sha256
+
+DEFAULT_WEIGHTS = "openai"  # the weights of the default backbone when --weights is not given
+
+
+def names() -> list[str]:
+    import open_clip
+
+    return open_clip.list_models()
+
+
+def owns(name: str) -> bool:
+    """An open_clip model name, or an open_clip config file (which must exist)."""
+    if name.lower().endswith(".json"):
+        if not Path(name).is_file():
+            raise BackboneError(f"Backbone config file '{name}' does not exist.")
+        return True
+    return name in names()
+
+
+def _register_clip_config(config_path: Path | None, stored: dict[str, Any] | None, name: str) -> str:
+    """Make a config JSON (a file, or one stored in a prompt file) known to open_clip; returns its model name."""
+    import open_clip
+
+    model_name = Path(name).stem
+    if config_path is not None and config_path.is_file():
+        try:
+            config = json.loads(config_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise BackboneError(f"Backbone config '{config_path}' is not valid JSON ({error}).") from None
+    elif stored is not None:
+        config = stored
+    else:
+        raise BackboneError(f"Backbone config file '{name}' does not exist.")
+    if not isinstance(config, dict) or "vision_cfg" not in config or "text_cfg" not in config:
+        raise BackboneError(f"Backbone config '{name}' is not an open_clip model config (needs vision_cfg and text_cfg).")
+    open_clip.factory._MODEL_CONFIGS[model_name] = config
+    return model_name
+
+
+def _clip_shape(model: nn.Module) -> dict[str, int]:
+    visual = model.visual
+    text = model if hasattr(model, "token_embedding") else getattr(model, "text", model)
+    shape = {"embed_dim": int(model.text_projection.shape[-1]) if hasattr(model, "text_projection") and isinstance(model.text_projection, torch.Tensor) else 0}
+    if hasattr(text, "transformer"):
+        shape["text_width"] = int(text.transformer.width)
+        shape["text_layers"] = len(text.transformer.resblocks)
+    if hasattr(visual, "transformer"):
+        shape["vision_width"] = int(visual.transformer.width)
+        shape["vision_layers"] = len(visual.transformer.resblocks)
+    return shape
+
+
+def load(name: str, weights: str | None, stored_config: dict[str, Any] | None = None) -> Backbone:
+    import open_clip
+
+    config_path = Path(name) if name.lower().endswith(".json") else None
+    model_name = _register_clip_config(config_path, stored_config, name) if config_path or stored_config else name
+    local = local_weights(weights)
+    if local is None:
+        tags = open_clip.list_pretrained_tags_by_model(model_name)
+        if weights is None:
+            if model_name == FAMILIES["clip"].default_backbone:
+                weights = DEFAULT_WEIGHTS
+            elif tags:
+                weights = tags[0]
+            else:
+                raise BackboneError(f"Backbone '{name}' has no published weights; pass a local file with --weights PATH.")
+        if weights not in tags:
+            valid = ", ".join(tags) if tags else "none (use --weights PATH)"
+            raise BackboneError(f"Unknown weights tag '{weights}' for {name}; valid tags: {valid}.")
+    pretrained = str(local) if local is not None else weights
+    try:
+        with quiet_libraries():
+            model, _, _ = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
+    except RuntimeError as error:
+        if local is None and ("download" in str(error).lower() or "hub" in str(error).lower()):
+            raise BackboneError(offline_hint(name, str(weights))) from None
+        raise BackboneError(f"Could not load weights '{weights}' into {name}: {str(error).splitlines()[0]}") from None
+    except (OSError, ValueError, KeyError) as error:
+        if local is None:
+            raise BackboneError(offline_hint(name, str(weights))) from None
+        raise BackboneError(f"Could not read weights file '{local}': {str(error).splitlines()[0]}") from None
+    freeze(model)
+    cfg = getattr(model.visual, "preprocess_cfg", {}) or {}
+    size = cfg.get("size", 224)
+    preprocess = Preprocess(
+        size=int(size[0] if isinstance(size, (tuple, list)) else size),
+        mean=tuple(float(v) for v in cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
+        std=tuple(float(v) for v in cfg.get("std", open_clip.OPENAI_DATASET_STD)),
+        interpolation=str(cfg.get("interpolation", "bicubic")),
+        crop_pct=1.0,
+    )
+    return Backbone(
+        family="clip",
+        name=Path(name).name if config_path else name,
+        weights=local.name if local else weights,
+        model=model,
+        preprocess=preprocess,
+        tokenizer=open_clip.get_tokenizer(model_name),
+        weights_sha256=file_sha256(local) if local else None,
+        weights_path=str(local) if local else None,
+        clip_config=open_clip.get_model_config(model_name) if (config_path or stored_config) else None,
+        shape=_clip_shape(model),
+    )

@@ -1,0 +1,122 @@
+"""Every prompt-tuning method in one table: its name, backbone family, class and training defaults.
+
+Adding a method is its own module plus one `register(MethodSpec(...))` line here. This module does not import torch
+(the classes are imported on first use), so the CLI shows each method's defaults in --help and starts fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from promptune.backbones import DEFAULT_FAMILY, FAMILIES, Family, detect_family
+from promptune.errors import MethodError
+
+if TYPE_CHECKING:
+    from promptune.methods.base import PromptMethod
+
+
+@dataclass(frozen=True)
+class TrainDefaults:
+    epochs: int = 10  # passes over the (k-shot) training set
+    lr: float = 2e-3  # peak learning rate
+    weight_decay: float = 5e-4  # default decay for learned tensors (methods may set per-group decay)
+    batch_size: int = 32
+    shots: int | None = None  # images per class when --shots is not given (None = all)
+    warmup_epochs: float = 1.0  # warm-up length in epochs (fractions allowed)
+    warmup: str = "linear"  # "linear" (0 -> lr) or "constant" (warmup_lr, as CoOp/SEP)
+    warmup_lr: float = 1e-5  # learning rate during a constant warm-up
+    optimizer: str = "adamw"  # "adam" | "adamw" | "sgd"
+    eps: float = 1e-8  # Adam epsilon
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str  # --method value and the prompt file's method name; the class's `name` attribute
+    family: Family  # the backbone family it needs
+    target: str  # "module:Class", imported on first use
+    defaults: TrainDefaults  # what a run uses for every option the user leaves out
+    description: str
+
+    def load(self) -> type[PromptMethod]:
+        module_name, class_name = self.target.split(":")
+        return getattr(importlib.import_module(module_name), class_name)
+
+
+METHODS: dict[str, MethodSpec] = {}
+
+
+def register(spec: MethodSpec) -> MethodSpec:
+    METHODS[spec.name] = spec
+    return spec
+
+
+# The training defaults are each method's recipe; the method classes' docstrings say where each value comes from.
+_VIT_RECIPE = TrainDefaults(epochs=30, lr=1e-3, weight_decay=1e-2, batch_size=32, shots=None, warmup_epochs=3.0,
+                            warmup="linear", optimizer="adamw")  # SPT's; VPT shares it so the two compare on init alone
+
+register(MethodSpec(
+    "sep", "clip", "promptune.methods.sep:SEP",
+    TrainDefaults(epochs=50, lr=0.0025, weight_decay=5e-4, batch_size=32, shots=16, warmup_epochs=1, warmup="constant",
+                  warmup_lr=1e-5, optimizer="adam", eps=1e-3),
+    "SEP: self-enhanced text + visual prompts with per-layer token fusion (open vocabulary)",
+))
+register(MethodSpec(
+    "coop", "clip", "promptune.methods.coop:CoOp",
+    TrainDefaults(epochs=50, lr=2e-3, weight_decay=5e-4, batch_size=32, shots=16, warmup_epochs=1, warmup="constant",
+                  warmup_lr=1e-5, optimizer="sgd"),
+    "CoOp: learned text context (the classic CLIP prompt-tuning baseline)",
+))
+register(MethodSpec(
+    "spt", "vit", "promptune.methods.spt:SPT", _VIT_RECIPE,
+    "Self-Prompt Tuning: deep visual prompts initialised from the data's own tokens + a linear head (timm ViT).",
+))
+register(MethodSpec(
+    "vpt", "vit", "promptune.methods.spt:VPT", _VIT_RECIPE,
+    "Visual Prompt Tuning: deep visual prompts from uniform noise + a linear head (timm ViT).",
+))
+
+
+def method_choices() -> tuple[str, ...]:
+    return ("auto", *METHODS)
+
+
+def method_spec(name: str) -> MethodSpec:
+    if name not in METHODS:
+        raise MethodError(f"Unknown method '{name}'; choose one of: {', '.join(method_choices())}.")
+    return METHODS[name]
+
+
+def get_method(name: str) -> type[PromptMethod]:
+    return method_spec(name).load()
+
+
+def resolve_method(method: str, backbone: str | None) -> MethodSpec:
+    """The method a run uses: the one place where --method and --backbone decide the backbone family.
+
+    A named backbone decides the family (and `auto` picks that family's default method); with no backbone, a named
+    method brings its own family, and `auto` means the default family.
+    """
+    if backbone is not None:
+        family = detect_family(backbone)
+    else:
+        family = DEFAULT_FAMILY if method == "auto" else method_spec(method).family
+    spec = method_spec(FAMILIES[family].default_method if method == "auto" else method)
+    if spec.family != family:
+        raise MethodError(
+            f"Method '{spec.name}' needs a {spec.family.upper()} backbone, but '{backbone}' is a {family.upper()} backbone."
+        )
+    return spec
+
+
+def default_summary(field: str) -> str:
+    """Each method's default for a training option, e.g. 'sep 50, coop 50, spt 30, vpt 30', or '32' if all agree."""
+    def shown(value: object) -> str:
+        return "all" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+    values = {spec.name: shown(getattr(spec.defaults, field)) for spec in METHODS.values()}
+    if len(set(values.values())) == 1:
+        return next(iter(values.values()))
+    return ", ".join(f"{name} {value}" for name, value in values.items())
+
