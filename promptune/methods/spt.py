@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Subset
 from promptune.backbones import Backbone
 from promptune.errors import MethodError
 from promptune.methods.base import PromptMethod, TrainDefaults, run_block
-from promptune.methods.vit_blocks import POOLS, block_without_span, drop_span, vit_layout
+from promptune.methods.vit_blocks import POOLS, block_with_shared_prompts, drop_span, vit_layout
 
 DEPTHS = ("deep", "shallow")
 SPT_INITS = ("random", "mean", "max", "kmeans")
@@ -349,8 +349,9 @@ class SPT(PromptMethod):
     def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """(B, prefix + patches, D) after the final norm, prompts left out: the tokens the head pools.
 
-        Deep prompts enter before each block and leave after it. Where the block allows (timm's plain `Block`), the
-        prompt positions' outputs are never computed (`vit_blocks.block_without_span`); other blocks run whole.
+        Deep prompts enter before each block and leave after it. Where the block allows (timm's plain `Block`), only
+        their keys and values are computed, never their outputs (`vit_blocks.block_with_shared_prompts`); other blocks
+        run whole.
         """
         if not self.deep or self.num_prompts == 0:
             return self._without_prompts(self.forward_features(images))
@@ -358,11 +359,10 @@ class SPT(PromptMethod):
         checkpointed = self.checkpointing_active()
 
         def segment(x: torch.Tensor, index: int) -> torch.Tensor:
-            x = self._with_prompts(x, index, replace=False)
-            start, end = self.num_prefix, self.num_prefix + self.num_prompts
             if self.skip_prompt_outputs and self.layout.skips_span(index):
-                return block_without_span(self.layout.blocks[index], x, start, end)
-            return drop_span(self.layout.run_block(index, x, context), start, end)
+                return block_with_shared_prompts(self.layout.blocks[index], x, self.prompts[index].to(x.dtype))
+            x = self._with_prompts(x, index, replace=False)
+            return drop_span(self.layout.run_block(index, x, context), self.num_prefix, self.num_prefix + self.num_prompts)
 
         for index in range(self.num_blocks):
             x = run_block(checkpointed, segment, x, index)

@@ -14,9 +14,11 @@ Any other timm model is refused in one sentence (`unsupported_backbone`).
 
 With deep prompts every block's outputs at the prompt positions are thrown away: the next layer's prompts replace
 them, and the head pools image tokens only. Their queries, attention output, projection and MLP are wasted work, about
-three quarters of what each prompt token costs. `block_without_span` computes only what is kept for timm's plain
-`Block`; it equals `block(x)` with the prompt positions removed (same math, fp rounding aside). Other blocks (EVA's
-included, whose attention has several variants: fused or split qkv, gates, grouped keys) run whole.
+three quarters of what each prompt token costs. A deep prompt set enters block i as the same tensor for every
+image. `block_with_shared_prompts` runs timm's plain `Block` for the image tokens only, with the prompts appended for
+their keys and values; it equals `block(x)` with the prompts inserted and their outputs removed (same math, fp
+rounding aside). Other blocks (EVA's included, whose attention has several variants: fused or split qkv, gates,
+grouped keys) run whole.
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ class TimmViT:
         return self.blocks[index](x)
 
     def skips_span(self, index: int) -> bool:
-        """Whether block `index` can leave out the prompts' outputs (`block_without_span`)."""
+        """Whether block `index` can leave out the prompts' outputs (`block_with_shared_prompts`)."""
         return supports_span_skipping(self.blocks[index])
 
     def norm(self, x: torch.Tensor) -> torch.Tensor:
@@ -178,17 +180,23 @@ def drop_span(x: torch.Tensor, start: int, end: int) -> torch.Tensor:
     return torch.cat([x[:, :start], x[:, end:]], 1)
 
 
-def block_without_span(block: Block, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
-    """`drop_span(block(x), start, end)`, without computing the dropped tokens' outputs."""
+def block_with_shared_prompts(block: Block, x: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+    """(B, N, D) image tokens -> (B, N, D): `block` run on the image tokens and `prompts` (P, D), prompts' outputs
+    left out.
+
+    Attention does not depend on where tokens sit in the sequence (positions were added before block 0), so the
+    prompts go after the image tokens: the queries kept are a plain slice, and the one copy per block is a contiguous
+    concatenation. Only the prompts' keys and values are used; their queries, attention output, projection and MLP
+    are never computed. Everything else is timm's `Block` op for op (fused attention included).
+    """
     attn: Attention = block.attn
     batch, tokens, _ = x.shape
-    qkv = attn.qkv(block.norm1(x)).reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    q = torch.cat([q[:, :, :start], q[:, :, end:]], 2)  # (B, heads, N - span, head_dim): kept tokens ask
+    both = torch.cat([x, prompts.expand(batch, -1, -1)], 1)  # (B, N + P, D)
+    qkv = attn.qkv(block.norm1(both)).reshape(batch, both.shape[1], 3, attn.num_heads, attn.head_dim)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N + P, head_dim)
+    q, k = attn.q_norm(q[:, :, :tokens]), attn.k_norm(k)  # the image tokens ask, every token answers
     dropout = attn.attn_drop.p if attn.training else 0.0
-    out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)  # every token, prompts included, answers
-    out = out.transpose(1, 2).reshape(batch, q.shape[2], attn.num_heads * attn.head_dim)
-    out = attn.proj_drop(attn.proj(attn.norm(out)))
-    x = drop_span(x, start, end) + block.drop_path1(block.ls1(out))
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)  # (B, heads, N, head_dim)
+    out = out.transpose(1, 2).reshape(batch, tokens, attn.num_heads * attn.head_dim)
+    x = x + block.drop_path1(block.ls1(attn.proj_drop(attn.proj(attn.norm(out)))))
     return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
