@@ -18,9 +18,11 @@ import timm
 import torch
 from safetensors.torch import save_file
 from timm.models import model_entrypoint, register_model
+from typer.testing import CliRunner
 
-from promptune.artifact import PromptFile, save_prompt_file
+from promptune.artifact import PromptFile, load_prompt_file, save_prompt_file
 from promptune.backbones import Backbone, load_backbone
+from promptune.cli import app
 from promptune.errors import MethodError
 from promptune.methods.spt import SPT, VPT
 from conftest import make_vit_file
@@ -299,6 +301,29 @@ def test_avg_pool_on_a_token_pool_backbone_is_timms_avg_pool_and_ignores_the_pro
         with PromptsMaskedOut(prompted):
             prompted.skip_prompt_outputs = False
             torch.testing.assert_close(method_pre_logits(prompted, images), expected, atol=1e-5, rtol=0)
+
+
+def test_the_mae_fine_tuning_layout_averages_the_patches_without_the_prompts(backbones):
+    backbone = backbones["vit_avg"]  # class token, 'avg' pool, no final norm, fc_norm after the mean
+    method = build(backbone, prompts_per_layer=5)
+    assert method.hparams()["pool"] == "avg"
+    with torch.no_grad():
+        features = method.forward_features(images_for(backbone, LAYOUTS[1]))
+        expected = backbone.model.fc_norm(features[:, 6:].mean(1))
+        torch.testing.assert_close(method.pool(features), expected, atol=1e-6, rtol=0)
+
+
+def test_pool_and_pool_window_reach_the_prompt_file_from_the_command_line(vit_file, shape_folder, tmp_path):
+    out = tmp_path / "p.safetensors"
+    result = CliRunner().invoke(app, [
+        "tune", str(shape_folder), "--method", "spt", "--backbone", "test_vit", "--weights", str(vit_file),
+        "--pool", "avg", "--init", "mean", "--pool-window", "3", "--prompts-per-layer", "2", "--epochs", "1",
+        "--batch-size", "12", "--workers", "0", "--device", "cpu", "--out", str(out), "--no-checkpoint", "--quiet",
+    ])
+    assert result.exit_code == 0, result.output
+    hparams = load_prompt_file(out).hparams
+    assert (hparams["pool"], hparams["pool_window"], hparams["init"]) == ("avg", 3, "mean")
+    assert promptune.load(out, device="cpu").method.config.pool == "avg"
 
 
 def test_a_reduction_pool_on_an_attention_pool_backbone(backbones):
