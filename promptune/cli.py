@@ -213,6 +213,8 @@ def tune(
     prompts_per_layer: Annotated[Optional[int], typer.Option(help="[spt, vpt] Prompt tokens per layer (20 deep, 100 shallow).", show_default=False)] = None,
     init: Annotated[Optional[str], typer.Option(help="[spt] Prompt initialisation: random, mean, max or kmeans token prototypes.", show_default=False)] = None,
     init_images: Annotated[Optional[int], typer.Option(help="[spt] Images sampled for the prototype initialisation (default all).", show_default=False)] = None,
+    pool_window: Annotated[Optional[int], typer.Option(help="[spt] Tokens per window for --init mean/max (default: P near-equal windows per image).", show_default=False)] = None,
+    pool: Annotated[Optional[str], typer.Option(help="[spt, vpt] Head pooling: token, avg or map (the backbone's attention pool); also max, avgmax. Default: the backbone's own.", show_default=False)] = None,
     grad_checkpointing: Annotated[bool, typer.Option("--grad-checkpointing", help="Recompute the frozen blocks' activations in the backward pass: less memory, ~1.3x step time (large backbones).")] = False,
     compile_step: Annotated[bool, typer.Option("--compile", help="Run the training step through torch.compile (CUDA; the first steps are slow while it compiles).")] = False,
     checkpoint_dir: Annotated[Optional[Path], typer.Option(help="Folder for the per-epoch checkpoint. Default: beside --out (prompts.checkpoint/).", show_default=False)] = None,
@@ -229,7 +231,8 @@ def tune(
     from promptune.api import tune as run_tune
 
     options = dict(n_ctx=n_ctx, ctx_init=ctx_init, n_ctx_v=n_ctx_v, template=template, depth=depth,
-                   prompts_per_layer=prompts_per_layer, init=init, init_images=init_images)
+                   prompts_per_layer=prompts_per_layer, init=init, init_images=init_images, pool_window=pool_window,
+                   pool=pool)
     reporter = ProgressReporter() if _show_progress(quiet) else (LineReporter() if not quiet and not json_output else None)
     log = (lambda m: None) if quiet else _warn
     try:

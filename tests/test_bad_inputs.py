@@ -431,6 +431,10 @@ CASES = {
     "init-images-negative": Case(tune_with("--init-images", "-1", method="spt"), 1, ("--init-images must be a whole number >= 1",)),
     "init-images-zero": Case(tune_with("--init-images", "0", method="spt"), 1, ("--init-images must be a whole number >= 1",)),
     "init-images-absurd": Case(tune_with("--init-images", TOP, "--prompts-per-layer", "2", method="spt"), 0),  # = all
+    "pool-unknown": Case(tune_with("--pool", "mean", method="spt"), 1, ("--pool must be one of token, avg",)),
+    "pool-map-without-an-attention-pool": Case(tune_with("--pool", "map", method="vpt"), 1,
+                                               ("--pool map uses the backbone's own attention pool",)),
+    "pool-window-zero": Case(tune_with("--pool-window", "0", method="spt"), 1, ("--pool-window must be a whole number",)),
     "epochs-not-a-number": Case(tune_with("--epochs", "ten"), 2, ("Invalid value for '--epochs'",)),
     "unknown-device": Case(tune_with("--device", "tpu"), 1, ("Unknown device 'tpu'",)),
     "device-with-a-bad-index": Case(tune_with("--device", "cpu:abc"), 1, ("Unknown device 'cpu:abc'",)),

@@ -19,7 +19,7 @@ from promptune.data import (
 )
 from promptune.errors import MethodError, PromptFileError
 from promptune.methods import get_method
-from promptune.methods.spt import SPT, VPT, TokenReservoir, pool_windows
+from promptune.methods.spt import SPT, VPT, TokenReservoir, pool_windows, window_index
 from promptune.methods.vit_blocks import supports_span_skipping
 from conftest import PrepareRecorder, assert_checkpointing_is_exact, loss_and_grads, make_shape_folder, make_vit_file, train_steps
 
@@ -63,12 +63,16 @@ def spt(backbone: Backbone, seed: int = 0, cls: type[SPT] = SPT, **options) -> S
     return cls(backbone, CLASSES, cls.make_config(options))
 
 
-def block_inputs(model: nn.Module, batches: list[Batch]) -> list[torch.Tensor]:
-    """Per block i, every (patch) token entering block i over all images, from timm's own forward_features."""
+def prototype_sources(model: nn.Module, batches: list[Batch]) -> list[torch.Tensor]:
+    """Per layer, every token its prompts may start from, over all images, from timm's own forward_features: layer 0
+    the patch embeddings (the output of `patch_embed`, before any position), layer i >= 1 the patch tokens entering
+    block i."""
     captured: list[list[torch.Tensor]] = [[] for _ in model.blocks]
-    hooks = [
+    hooks = [model.patch_embed.register_forward_hook(lambda _m, _args, out: captured[0].append(out))]
+    hooks += [
         block.register_forward_pre_hook(lambda _m, args, i=i: captured[i].append(args[0][:, model.num_prefix_tokens :]))
         for i, block in enumerate(model.blocks)
+        if i > 0
     ]
     try:
         with torch.no_grad():
@@ -77,7 +81,7 @@ def block_inputs(model: nn.Module, batches: list[Batch]) -> list[torch.Tensor]:
     finally:
         for hook in hooks:
             hook.remove()
-    return [torch.cat(parts).reshape(-1, model.embed_dim) for parts in captured]
+    return [torch.cat([part.reshape(-1, model.embed_dim) for part in parts]) for parts in captured]
 
 
 def rows_in(rows: torch.Tensor, pool: torch.Tensor, atol: float = 0.0) -> torch.Tensor:
@@ -130,13 +134,37 @@ def test_reservoir_is_uniform_and_independent_of_batching():
     assert counts.min() > 10 and counts.max() < 55
 
 
-def test_pool_windows_runs_along_the_sequence_with_a_short_last_run():
+def test_pool_windows_of_a_given_size_run_along_the_sequence_with_a_short_last_run():
     tokens = torch.arange(2 * 9 * 3, dtype=torch.float32).reshape(2, 9, 3)
-    pooled = pool_windows(tokens, 4, "mean")
+    pooled = pool_windows(tokens, "mean", window=4)
     assert pooled.shape == (2, 3, 3)
     assert torch.equal(pooled[1, 2], tokens[1, 8])
     assert torch.allclose(pooled[0, 1], tokens[0, 4:8].mean(0))
-    assert torch.equal(pool_windows(tokens, 4, "max")[0, 0], tokens[0, 3])
+    assert torch.equal(pool_windows(tokens, "max", window=4)[0, 0], tokens[0, 3])
+    assert window_index(196, window=10).bincount().tolist() == [10] * 19 + [6]
+
+
+@pytest.mark.parametrize("prompts", [5, 8, 20, 50])
+def test_default_windows_are_p_contiguous_near_equal_runs_on_196_tokens(prompts):
+    """The authors' count (P windows per image), without their exact-division bug: for P = 5, 8 and 50 their window
+    196 // (P - 1) divides 196, and their last window `x[:, -0:]` is the whole sequence."""
+    index = window_index(196, count=prompts)
+    sizes = index.bincount()
+    assert len(sizes) == prompts and int(sizes.sum()) == 196
+    assert int(sizes.max()) - int(sizes.min()) <= 1  # near-equal, so no window is the whole sequence
+    assert bool((index[1:] - index[:-1] >= 0).all())  # contiguous runs in sequence order
+    tokens = torch.randn(2, 196, 4, dtype=torch.float64)
+    for mode, reduce in (("mean", lambda run: run.mean(1)), ("max", lambda run: run.amax(1))):
+        pooled = pool_windows(tokens, mode, count=prompts)
+        assert pooled.shape == (2, prompts, 4)
+        expected = torch.stack([reduce(tokens[:, index == w]) for w in range(prompts)], 1)
+        torch.testing.assert_close(pooled, expected)
+        assert not torch.allclose(pooled[:, -1], reduce(tokens))  # the last window is not the global pool
+
+
+def test_more_windows_than_tokens_gives_one_window_per_token():
+    tokens = torch.randn(1, 9, 4)
+    assert torch.equal(pool_windows(tokens, "max", count=100), tokens)
 
 
 # -------------------------------------------------------------------------------------------------- prototype init
@@ -147,7 +175,7 @@ def test_random_init_prompts_are_collected_layer_tokens(vit, depth):
     batches = image_batches()
     method = spt(vit, depth=depth, prompts_per_layer=5, init="random")
     method.prepare(batches, torch.device("cpu"), seed=0)
-    layers = block_inputs(vit.model, batches)
+    layers = prototype_sources(vit.model, batches)
     assert method.prompts.shape == ((6 if depth == "deep" else 1), 5, 64)
     assert method.init_summary["images"] == 12 and method.init_summary["tokens_seen_per_layer"] == 12 * 9
     for layer, prompts in enumerate(method.prompts.detach()):
@@ -157,12 +185,35 @@ def test_random_init_prompts_are_collected_layer_tokens(vit, depth):
         assert not bool(rows_in(method.prompts[1].detach(), layers[0]).any())
 
 
+@pytest.mark.parametrize("depth", ["deep", "shallow"])
+def test_layer_zero_prototypes_are_patch_embeddings_without_position(depth):
+    """Hand-built images of flat 16-px patches: each patch's embedding is value * sum(conv weight) + bias, and the
+    positional embedding is shifted by +1, so layer-0 prompts must be those embeddings and no post-position token."""
+    backbone = timm_vit()
+    model = backbone.model
+    with torch.no_grad():
+        model.pos_embed.add_(1.0)
+    values = torch.arange(18, dtype=torch.float32).reshape(2, 1, 3, 3) / 10 - 0.8  # (image, 1, patch row, patch col)
+    images = values.repeat_interleave(16, 2).repeat_interleave(16, 3).expand(2, 3, 48, 48).contiguous()
+    conv = model.patch_embed.proj
+    expected = values.reshape(-1, 1) * conv.weight.sum((1, 2, 3)) + conv.bias  # (18 patches, D), by hand
+    method = spt(backbone, depth=depth, prompts_per_layer=8, init="random")
+    method.prepare([images], torch.device("cpu"), seed=0)
+    prompts = method.prompts[0].detach()
+    with torch.no_grad():
+        positioned = model.norm_pre(model._pos_embed(model.patch_embed(images)))[:, 1:].reshape(-1, 64)
+    assert bool(rows_in(prompts, expected, atol=1e-5).all())
+    assert not bool(rows_in(prompts, positioned, atol=0.5).any())
+    assert len({tuple(row.tolist()) for row in prompts}) == 8
+
+
 @pytest.mark.parametrize("mode", ["mean", "max"])
 def test_pooled_init_prompts_are_pooled_windows(vit, mode):
     batches = image_batches()
     method = spt(vit, prompts_per_layer=6, init=mode, pool_window=4)
     method.prepare(batches, torch.device("cpu"), seed=1)
-    for layer, tokens in enumerate(block_inputs(vit.model, batches)):
+    assert method.hparams()["pool_window"] == 4
+    for layer, tokens in enumerate(prototype_sources(vit.model, batches)):
         per_image = tokens.reshape(-1, 9, 64)
         windows = []
         for image in per_image:
@@ -178,7 +229,7 @@ def within_cluster_error(points: torch.Tensor, centres: torch.Tensor) -> float:
 
 def test_kmeans_init_has_lower_within_cluster_error_than_random(vit):
     batches = image_batches(count=4)
-    layers = block_inputs(vit.model, batches)
+    layers = prototype_sources(vit.model, batches)
     centres = spt(vit, prompts_per_layer=6, init="kmeans", kmeans_iters=10)
     centres.prepare(batches, torch.device("cpu"), seed=0)
     sampled = spt(vit, prompts_per_layer=6, init="random")
@@ -341,12 +392,11 @@ def test_blocks_of_another_kind_run_whole():
         torch.testing.assert_close(method(images), reference, atol=1e-5, rtol=0)
 
 
-def test_a_non_vit_backbone_is_rejected():
+@pytest.mark.parametrize("cls", [SPT, VPT])
+def test_a_non_vit_backbone_is_rejected(cls):
     backbone = timm_vit("test_resnet")
-    with pytest.raises(MethodError, match="VisionTransformer.*ResNet"):
-        SPT(backbone, CLASSES, SPT.make_config({}))
-    with pytest.raises(MethodError, match="VisionTransformer"):
-        VPT(backbone, CLASSES, VPT.make_config({}))
+    with pytest.raises(MethodError, match=f"Method '{cls.name}' runs on timm's VisionTransformer and Eva.*ResNet"):
+        cls(backbone, CLASSES, cls.make_config({}))
 
 
 # ------------------------------------------------------------------------------------------- training invariants
@@ -420,7 +470,7 @@ def test_prompt_file_round_trip_and_wrong_backbone(vit, tmp_path):
 
     deeper = load_backbone("test_vit2", str(make_vit_file(tmp_path / "other", "test_vit2")))  # 8 blocks, not 6
     with pytest.raises(PromptFileError, match="another backbone"):
-        spt(deeper, **loaded.hparams).load_learned_state(loaded.tensors)
+        spt(deeper, **{**loaded.hparams, "pool": None}).load_learned_state(loaded.tensors)  # test_vit2 has no CLS
     wider = timm_vit(embed_dim=96)
     with pytest.raises(PromptFileError, match="another backbone"):
         spt(wider, **loaded.hparams).load_learned_state(loaded.tensors)
@@ -447,7 +497,10 @@ def test_config_resolves_prompt_count_and_registry_names_the_classes(vit):
         (SPT, {"prompts_per_layer": 2.5}, "--prompts-per-layer"),
         (SPT, {"init": "xavier"}, "init"),
         (SPT, {"init_images": 0}, "--init-images"),
-        (SPT, {"pool_window": 0}, "pool_window"),
+        (SPT, {"pool_window": 0}, "--pool-window"),
+        (SPT, {"pool_window": 2.0}, "--pool-window"),
+        (SPT, {"pool": "mean"}, "--pool must be one of token, avg"),
+        (VPT, {"pool": "cls"}, "--pool"),
         (SPT, {"kmeans_iters": True}, "kmeans_iters"),
         (SPT, {"reservoir_size": 10}, "reservoir_size"),
         (SPT, {"head_weight_decay": -1.0}, "head_weight_decay"),

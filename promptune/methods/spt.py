@@ -1,12 +1,15 @@
-"""SPT (Self-Prompt Tuning) and VPT: visual prompt tokens around a frozen timm VisionTransformer, plus a linear head.
+"""SPT (Self-Prompt Tuning) and VPT: visual prompt tokens around a frozen timm ViT, plus a linear head.
 
 Both methods share one model. P prompt tokens are inserted after the prefix tokens (CLS and register tokens) and
-before the patch tokens, after the positional embedding, with no position of their own. In the deep variant the
-prompt positions are replaced by a fresh set before every block. The methods differ only in how the prompts start:
+before the patch tokens, after the positional embedding, with no position of their own (no rotary position either on
+EVA-style backbones). In the deep variant the prompt positions are replaced by a fresh set before every block. The
+prompts never enter the pooling. `vit_blocks` adapts each timm ViT class to this. The methods differ only in how the
+prompts start:
 
 - VPT (Jia et al., ECCV 2022): uniform noise U(-v, v), v = sqrt(6 / (3 * patch_h * patch_w + D)).
-- SPT (Wang et al., ICML 2024): "token prototypes". The layer-i prompts start at tokens that the frozen,
-  prompt-free backbone produces at the input of block i for the training images. They are sampled at random, taken
+- SPT (Wang et al., ICML 2024): "token prototypes" of the training images, from the frozen prompt-free backbone. As in
+  the authors' code, layer-0 (and shallow) prompts start at patch embeddings without positional embedding (prompts
+  get none), and the layer-i prompts (i >= 1) at the patch tokens entering block i. They are sampled at random, taken
   from mean/max-pooled runs of tokens, or found as k-means centres.
 
 The authors stack every training image into one batch to collect those tokens (many GB for a few thousand images).
@@ -26,7 +29,7 @@ from torch import nn
 from promptune.backbones import Backbone
 from promptune.errors import MethodError
 from promptune.methods.base import PromptMethod, run_block
-from promptune.methods.vit_blocks import block_without_span, drop_span, supports_span_skipping
+from promptune.methods.vit_blocks import POOLS, block_with_shared_prompts, drop_span, vit_layout
 
 DEPTHS = ("deep", "shallow")
 SPT_INITS = ("random", "mean", "max", "kmeans")
@@ -40,11 +43,12 @@ class SPTConfig:
     prompts_per_layer: int | None = None  # P prompt tokens per layer; None = 20 deep / 100 shallow; 0 = linear probe
     init: str = "random"  # prototype init: "random" tokens, "mean"/"max" pooled token runs, or "kmeans" centres
     init_images: int | None = None  # seeded sample of training images used for the init; None = all of them
-    pool_window: int = 4  # tokens per 1-D window along the sequence for "mean"/"max" init
+    pool_window: int | None = None  # "mean"/"max" init: tokens per window; None = P windows per image (`window_index`)
     kmeans_iters: int = 20  # Lloyd iterations for "kmeans" init
     reservoir_size: int = 16384  # token budget per layer held while collecting (the "kmeans" sample size)
     head_weight_decay: float = 1.0  # AdamW decay on the head weight (the authors use a large 0.5-3.0)
     prompt_weight_decay: float = 1e-2  # AdamW decay on the prompt tokens
+    pool: str | None = None  # the head's pooling: token | avg | max | avgmax | map | prr; None = the backbone's own
 
 
 @dataclasses.dataclass
@@ -54,6 +58,7 @@ class VPTConfig:
     init: str = "xavier"  # VPT always starts from uniform noise U(-v, v); the only accepted value
     head_weight_decay: float = 1.0  # AdamW decay on the head weight
     prompt_weight_decay: float = 1e-2  # AdamW decay on the prompt tokens
+    pool: str | None = None  # the head's pooling: token | avg | max | avgmax | map | prr; None = the backbone's own
 
 
 # ------------------------------------------------------------------------------------------------ token collection
@@ -135,22 +140,33 @@ class TokenReservoir:
         return self._store[: self.held]
 
 
-def pool_windows(tokens: torch.Tensor, window: int, mode: str) -> torch.Tensor:
-    """(B, N, D) -> (B, ceil(N / window), D): mean or max over consecutive 1-D runs of `window` tokens per image.
+def window_index(length: int, count: int | None = None, window: int | None = None) -> torch.Tensor:
+    """(length,) window number of each token: contiguous 1-D runs along the flattened sequence (raster order).
 
-    The runs follow the flattened token order (raster order for patches), as in the authors' code. A last run
-    shorter than `window` is pooled over the tokens it has.
+    With `window`, runs of `window` tokens, the last one shorter when `length` is not a multiple. Otherwise `count`
+    near-equal runs (at most one per token): token t goes to run floor(t * count / length), so runs differ by at most
+    one token and every token is in exactly one run. With count = P this is the authors' number of windows per image
+    (P, e.g. 9 or 10 tokens each for P = 20 on 196) without the two flaws of their formula (windows of
+    N // (P - 1), then the last N mod that many tokens): an exact division (P = 5, 8, 50 on 196) makes that last
+    window the whole sequence, and where N // window > P - 1 (P = 30) the tokens between are never pooled.
     """
+    positions = torch.arange(length)
+    if window is not None:
+        return positions // window
+    runs = min(int(count), length)
+    return positions * runs // length
+
+
+def pool_windows(tokens: torch.Tensor, mode: str, count: int | None = None, window: int | None = None) -> torch.Tensor:
+    """(B, N, D) -> (B, windows, D): mean or max over each image's runs of `window_index(N, count, window)`."""
     batch, length, dim = tokens.shape
-    full = length // window
-    parts = []
-    if full:
-        runs = tokens[:, : full * window].reshape(batch, full, window, dim)
-        parts.append(runs.mean(2) if mode == "mean" else runs.amax(2))
-    if length % window:
-        tail = tokens[:, full * window :]
-        parts.append(tail.mean(1, keepdim=True) if mode == "mean" else tail.amax(1, keepdim=True))
-    return torch.cat(parts, 1)
+    index = window_index(length, count, window).to(tokens.device)
+    runs = int(index[-1]) + 1
+    if mode == "mean":
+        sums = tokens.new_zeros(batch, runs, dim).index_add_(1, index, tokens)
+        return sums / torch.bincount(index, minlength=runs).to(tokens.dtype).unsqueeze(1)
+    lowest = tokens.new_full((batch, runs, dim), float("-inf"))
+    return lowest.scatter_reduce_(1, index.view(1, length, 1).expand(batch, length, dim), tokens, reduce="amax")
 
 
 def kmeans(points: torch.Tensor, k: int, iters: int, generator: torch.Generator) -> torch.Tensor:
@@ -201,25 +217,22 @@ class SPT(PromptMethod):
 
     def __init__(self, backbone: Backbone, class_names: list[str], config: Any = None) -> None:
         super().__init__(backbone, class_names, config if config is not None else self.Config())
-        from timm.models.vision_transformer import VisionTransformer
-
-        model = backbone.model
-        if not isinstance(model, VisionTransformer):
-            raise MethodError(
-                f"Method '{self.name}' needs a timm VisionTransformer backbone, but '{backbone.name}' builds a "
-                f"{type(model).__name__}."
-            )
-        if model.attn_pool is None and not model.global_pool:
-            raise MethodError(
-                f"Backbone '{backbone.name}' has no pooling (global_pool=''), so it cannot feed a classifier head."
-            )
         self.validate_config(self.config, MethodError)
+        model = backbone.model
+        self.layout = vit_layout(model, backbone.name, self.name)
+        pool = self.config.pool or self.layout.own_pool
+        if not pool:
+            raise MethodError(
+                f"Backbone '{backbone.name}' has no pooling (global_pool=''); choose one for the head with --pool "
+                f"(token, avg, max or avgmax)."
+            )
+        self.layout.check_pool(pool)
         depth = self.config.depth
         count = DEFAULT_PROMPTS[depth] if self.config.prompts_per_layer is None else int(self.config.prompts_per_layer)
-        self.config = dataclasses.replace(self.config, prompts_per_layer=count)
+        self.config = dataclasses.replace(self.config, prompts_per_layer=count, pool=pool)
 
         self.vit = model  # registered, so .to(device) moves it; frozen and in eval mode (PromptMethod.train keeps it so)
-        self.num_prefix = int(model.num_prefix_tokens)
+        self.num_prefix = self.layout.num_prefix
         self.num_prompts = count
         self.deep = depth == "deep"
         self.num_blocks = len(model.blocks)
@@ -245,6 +258,8 @@ class SPT(PromptMethod):
 
         if config.depth not in DEPTHS:
             raise error(f"--depth must be 'deep' or 'shallow', not {config.depth!r}.")
+        if config.pool is not None and config.pool not in POOLS:
+            raise error(f"--pool must be one of {', '.join(POOLS)} (or unset for the backbone's own), not {config.pool!r}.")
         count = config.prompts_per_layer
         if count is not None and (not whole(count) or not 0 <= count <= MAX_PROMPTS):
             raise error(
@@ -262,7 +277,12 @@ class SPT(PromptMethod):
                 f"--init-images must be a whole number >= 1 (or unset for all images), "
                 f"not {config.init_images!r}."
             )
-        for field in ("pool_window", "kmeans_iters", "reservoir_size"):
+        if config.pool_window is not None and (not whole(config.pool_window) or config.pool_window < 1):
+            raise error(
+                f"--pool-window must be a whole number of tokens >= 1 (or unset for P windows per image), "
+                f"not {config.pool_window!r}."
+            )
+        for field in ("kmeans_iters", "reservoir_size"):
             value = getattr(config, field)
             if not whole(value) or value < 1:
                 raise error(f"Method '{cls.name}' {field} must be a whole number >= 1, not {value!r}.")
@@ -288,70 +308,69 @@ class SPT(PromptMethod):
         rest = self.num_prefix + (self.num_prompts if replace else 0)
         return torch.cat([tokens[:, : self.num_prefix], prompts, tokens[:, rest:]], 1)
 
-    def _tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """The frozen backbone's tokens entering block 0, in timm's own `forward_features` order."""
-        x = self.vit.patch_embed(images)
-        x = self.vit._pos_embed(x)  # prefix tokens + positional embedding (handles (B, H, W, C) from dynamic sizes)
-        x = self.vit.patch_drop(x)
-        return self.vit.norm_pre(x)
+    def _tokens(self, images: torch.Tensor, prompts: int) -> tuple[torch.Tensor, Any]:
+        """The frozen backbone's tokens entering block 0 (timm's own order) and what its blocks read besides them."""
+        return self.layout.embed(self.layout.patches(images), prompts)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, prefix + P + patches, D): the input of block 0 with the first prompt set inserted."""
-        return self._with_prompts(self._tokens(images), 0, replace=False)
+        return self._with_prompts(self._tokens(images, self.num_prompts)[0], 0, replace=False)
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """All tokens after the final norm, prompts included at positions prefix..prefix+P."""
-        x = self.embed(images)
+        x, context = self._tokens(images, self.num_prompts)
+        x = self._with_prompts(x, 0, replace=False)
         checkpointed = self.num_prompts > 0 and self.checkpointing_active()  # no prompts: nothing in the blocks learns
 
-        def segment(x: torch.Tensor, index: int, block: nn.Module) -> torch.Tensor:
+        def segment(x: torch.Tensor, index: int) -> torch.Tensor:
             if self.deep and index > 0:
                 x = self._with_prompts(x, index, replace=True)
-            return block(x)
+            return self.layout.run_block(index, x, context)
 
-        for index, block in enumerate(self.vit.blocks):
-            x = run_block(checkpointed, segment, x, index, block)
-        return self.vit.norm(x)
+        for index in range(self.num_blocks):
+            x = run_block(checkpointed, segment, x, index)
+        return self.layout.norm(x)
 
     def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """(B, prefix + patches, D) after the final norm, prompts left out: the tokens the head pools.
 
-        Deep prompts enter before each block and leave after it. Where the block allows (timm's plain `Block`), the
-        prompt positions' outputs are never computed (`vit_blocks.block_without_span`); other blocks run whole.
+        Deep prompts enter before each block and leave after it. Where the block allows (timm's plain `Block`), only
+        their keys and values are computed, never their outputs (`vit_blocks.block_with_shared_prompts`); other blocks
+        run whole.
         """
         if not self.deep or self.num_prompts == 0:
             return self._without_prompts(self.forward_features(images))
-        x = self._tokens(images)
+        x, context = self._tokens(images, self.num_prompts)
         checkpointed = self.checkpointing_active()
-        for index, block in enumerate(self.vit.blocks):
-            x = run_block(checkpointed, self._deep_block, x, index, block)
-        return self.vit.norm(x)
 
-    def _deep_block(self, x: torch.Tensor, index: int, block: nn.Module) -> torch.Tensor:
-        x = self._with_prompts(x, index, replace=False)
-        start, end = self.num_prefix, self.num_prefix + self.num_prompts
-        if self.skip_prompt_outputs and supports_span_skipping(block):
-            return block_without_span(block, x, start, end)
-        return drop_span(block(x), start, end)
+        def segment(x: torch.Tensor, index: int) -> torch.Tensor:
+            if self.skip_prompt_outputs and self.layout.skips_span(index):
+                return block_with_shared_prompts(self.layout.blocks[index], x, self.prompts[index].to(x.dtype))
+            x = self._with_prompts(x, index, replace=False)
+            return drop_span(self.layout.run_block(index, x, context), self.num_prefix, self.num_prefix + self.num_prompts)
+
+        for index in range(self.num_blocks):
+            x = run_block(checkpointed, segment, x, index)
+        return self.layout.norm(x)
 
     def _without_prompts(self, features: torch.Tensor) -> torch.Tensor:
         start, end = self.num_prefix, self.num_prefix + self.num_prompts
         return drop_span(features, start, end) if end > start else features
 
     def pool(self, features: torch.Tensor) -> torch.Tensor:
-        """The image feature the head sees: the backbone's own pooling, on the tokens without the prompts.
+        """The image feature the head sees: `--pool` (default the backbone's own) over the tokens without the prompts.
 
-        'token' backbones give the CLS token after the final norm; 'avg' backbones give the mean over the patch tokens
-        (no prefix tokens, no prompts), then `fc_norm`; 'map' backbones use their attention pool. This reuses the
-        pooling the backbone was pre-trained with, so with P = 0 it is exactly timm's pre-logits feature. The prompts
-        act only through attention, as in VPT. The authors' MAE code also averages the prompts in; then the feature
-        would depend on P and on the prompts' own scale instead of the image's tokens.
+        'token' gives the CLS token after the final norm; 'avg' / 'max' reduce over the patch tokens (no prefix tokens,
+        no prompts); 'map' runs the backbone's attention pool; then `fc_norm` where the backbone has one. With P = 0
+        this is exactly timm's pre-logits feature. The prompts act only through attention, as in VPT. The authors'
+        MAE code also averages the prompts in; then the feature would depend on P and on the prompts' own scale
+        instead of the image's tokens.
         """
         return self._pool_image_tokens(self._without_prompts(features))
 
     def _pool_image_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, prefix + patches, D) -> (B, D) with the backbone's own pooling and `fc_norm`."""
-        return self.vit.fc_norm(self.vit.pool(tokens))
+        """(B, prefix + patches, D) -> (B, D) with the configured pooling and the backbone's `fc_norm`."""
+        return self.layout.pool(tokens, self.config.pool)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self._pool_image_tokens(self.image_tokens(images)))
@@ -361,13 +380,20 @@ class SPT(PromptMethod):
         return self.num_blocks if self.deep else 1
 
     def _layer_inputs(self, images: torch.Tensor) -> Iterator[torch.Tensor]:
-        """Prompt-free pass: yields, per prompted layer i, the (B, patches, D) tokens entering block i (no prefix)."""
-        x = self._tokens(images)
+        """Prompt-free pass: yields, per prompted layer i, the (B, patches, D) tokens layer i's prompts start from.
+
+        Layer 0: the patch embeddings without positional embedding (after `norm_pre` where the backbone has one), as
+        the authors take them; prompts get no position. Layer i >= 1: the patch tokens entering block i.
+        """
+        patches = self.layout.patches(images)
+        yield self.layout.patch_prototypes(patches)
         layers = self._collected_layers()
-        for index in range(layers):
+        if layers == 1:
+            return
+        x, context = self.layout.embed(patches, 0)
+        for index in range(layers - 1):
+            x = self.layout.run_block(index, x, context)
             yield x[:, self.num_prefix :]
-            if index + 1 < layers:
-                x = self.vit.blocks[index](x)
 
     def collect(self, loader: Iterable, device: torch.device, seed: int, budget: int) -> list[TokenReservoir]:
         """One no-grad, prompt-free pass over the loader, streaming each layer's input tokens into its reservoir."""
@@ -387,7 +413,7 @@ class SPT(PromptMethod):
                 images = images.to(device, torch.float32, non_blocking=True)
                 for reservoir, tokens in zip(reservoirs, self._layer_inputs(images)):
                     if pool_mode is not None:
-                        tokens = pool_windows(tokens, self.config.pool_window, pool_mode)
+                        tokens = pool_windows(tokens, pool_mode, self.num_prompts, self.config.pool_window)
                     reservoir.add(tokens.reshape(-1, tokens.shape[-1]))
                 images_used += images.shape[0]
                 self._prepared(images.shape[0])
