@@ -158,6 +158,27 @@ def _clip_shape(model: nn.Module) -> dict[str, int]:
     return shape
 
 
+def _clip_tokenizer(model_name: str, name: str) -> Callable[..., torch.Tensor]:
+    """open_clip's tokenizer for the model. SigLIP, CLIPA and the worldwide CLIPs name a Hugging Face tokenizer, which
+    needs the `transformers` package and, once, the hub (it is cached after the first download)."""
+    import open_clip
+
+    try:
+        with _quiet_libraries():
+            return open_clip.get_tokenizer(model_name)
+    except ImportError:
+        raise BackboneError(
+            f"{name} uses a Hugging Face tokenizer, which needs the transformers package; install it with "
+            f"'pip install transformers'."
+        ) from None
+    except (OSError, ValueError) as error:
+        hub_name = (open_clip.get_model_config(model_name) or {}).get("text_cfg", {}).get("hf_tokenizer_name", "?")
+        raise BackboneError(
+            f"Could not load the tokenizer '{hub_name}' of {name} ({str(error).splitlines()[0]}); it is fetched from "
+            f"the Hugging Face hub once, so run once on a machine with internet to cache it."
+        ) from None
+
+
 def load_clip(name: str, weights: str | None, stored_config: dict[str, Any] | None = None) -> Backbone:
     import open_clip
 
@@ -204,7 +225,7 @@ def load_clip(name: str, weights: str | None, stored_config: dict[str, Any] | No
         weights=local.name if local else weights,
         model=model,
         preprocess=preprocess,
-        tokenizer=open_clip.get_tokenizer(model_name),
+        tokenizer=_clip_tokenizer(model_name, name),
         weights_sha256=file_sha256(local) if local else None,
         weights_path=str(local) if local else None,
         clip_config=open_clip.get_model_config(model_name) if (config_path or stored_config) else None,

@@ -230,7 +230,7 @@ def test_length_trimming_is_exact(backbone):
         assert sep.text.needed_length(sep.prompts.tokens, 1 + 2 * sep.n_ctx) < 77  # trimming does trim
         torch.testing.assert_close(sep.encode_text_prompted(), sep.encode_text_prompted(length=77), atol=1e-5, rtol=0)
         sep.set_classes(mixed)
-        assert int(sep.text.eot_positions(sep.prompts.tokens)[-1]) == 76  # the last name fills the context
+        assert int(sep.text.text_end(sep.prompts.tokens)[-1]) == 76  # the last name fills the context
         trimmed = F.normalize(sep.encode_text_prompted(), dim=-1)
         full = F.normalize(sep.encode_text_prompted(length=77), dim=-1)
         torch.testing.assert_close(trimmed, full, atol=1e-5, rtol=0)
@@ -295,7 +295,7 @@ def test_non_vit_image_tower_is_refused(tmp_path):
     config = copy.deepcopy(TINY_CLIP_CONFIG)
     config["vision_cfg"] = {"image_size": 32, "layers": [1, 1, 1, 1], "width": 16}
     resnet = load_backbone(*map(str, make_clip_files(tmp_path, "tiny-rn", config)))
-    with pytest.raises(MethodError, match="VisionTransformer"):
+    with pytest.raises(MethodError, match="ModifiedResNet, which takes no extra tokens.*--method coop"):
         SEP(resnet, TRAINED, SEP.make_config({}))
 
 
