@@ -179,6 +179,24 @@ def _clip_tokenizer(model_name: str, name: str) -> Callable[..., torch.Tensor]:
         ) from None
 
 
+def _tag_preprocess(model_name: str) -> dict[str, Any]:
+    """The mean, std and interpolation every published tag of the model agrees on ({} if none, or if they differ).
+
+    A local weights file carries no tag, so open_clip falls back to OpenAI's mean and std, which are wrong for SigLIP,
+    PE-Core (0.5) and MobileCLIP (no normalisation); the model's own tags say what its weights expect.
+    """
+    import open_clip
+
+    keys = ("mean", "std", "interpolation")
+    found = {
+        tuple(open_clip.get_pretrained_cfg(model_name, tag).get(key) for key in keys)
+        for tag in open_clip.list_pretrained_tags_by_model(model_name)
+    }
+    if len(found) != 1:
+        return {}
+    return {key: value for key, value in zip(keys, found.pop()) if value is not None}
+
+
 def load_clip(name: str, weights: str | None, stored_config: dict[str, Any] | None = None) -> Backbone:
     import open_clip
 
@@ -211,6 +229,8 @@ def load_clip(name: str, weights: str | None, stored_config: dict[str, Any] | No
         raise BackboneError(f"Could not read weights file '{local}': {str(error).splitlines()[0]}") from None
     freeze(model)
     cfg = getattr(model.visual, "preprocess_cfg", {}) or {}
+    if local is not None:
+        cfg = {**cfg, **_tag_preprocess(model_name)}
     size = cfg.get("size", 224)
     preprocess = Preprocess(
         size=int(size[0] if isinstance(size, (tuple, list)) else size),

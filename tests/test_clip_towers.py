@@ -422,3 +422,32 @@ def test_identity_rotation_rows_leave_prompts_unrotated():
     torch.testing.assert_close(rotated[:, :, :5], apply_rot_embed_cat(x[:, :, :5], rope), atol=0, rtol=0)
     torch.testing.assert_close(rotated[:, :, 5:], x[:, :, 5:], atol=0, rtol=0)
     assert not torch.allclose(rotated[:, :, :5], x[:, :, :5])
+
+
+def test_a_local_weights_file_gets_the_preprocessing_of_the_models_tags():
+    """A file carries no tag; the model's published tags say its mean/std (open_clip alone would use OpenAI's)."""
+    from promptune.backbones import _tag_preprocess
+
+    assert _tag_preprocess("ViT-B-16-SigLIP2") == {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bicubic"}
+    assert _tag_preprocess("MobileCLIP-S1")["std"] == (1.0, 1.0, 1.0)
+    assert _tag_preprocess("ViT-L-14") == {}  # its tags disagree (OpenAI vs 0.5): open_clip's default stays
+    assert _tag_preprocess("tiny-not-a-published-model") == {}
+
+
+def test_a_hugging_face_text_tower_is_refused_by_every_clip_method(loaded):
+    """roberta / xlm-roberta / mt5 / nllb CLIPs keep a `transformers` model as `.text`; a stand-in has the same shape."""
+
+    class HuggingFaceTextCLIP(torch.nn.Module):
+        def __init__(self, visual: torch.nn.Module) -> None:
+            super().__init__()
+            self.visual = visual
+            self.text = torch.nn.Linear(8, 8)  # stands in for open_clip's HFTextEncoder
+            self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(100.0)))
+
+    vit = loaded(family_named("ViT-B-16"))
+    backbone = dataclasses.replace(vit, model=HuggingFaceTextCLIP(vit.model.visual))
+    for build in (lambda: make_sep(backbone), lambda: CoOp(backbone, NAMES[:3], CoOp.make_config({})),
+                  lambda: ZeroShotCLIP(backbone, NAMES[:3])):
+        with pytest.raises(MethodError, match="not an open_clip text transformer") as caught:
+            build()
+        assert "\n" not in str(caught.value)
