@@ -59,7 +59,8 @@ def promptune_tiny_eva02(pretrained: bool = False, **kwargs):
 @register_model
 def promptune_tiny_pe_core(pretrained: bool = False, **kwargs):
     """vit_pe_core_base_patch16_224 (PE-Core): Eva with AttentionRope, pre-transformer norm, attention-pool head."""
-    return _timm("vit_pe_core_base_patch16_224", **{**TINY_TIMM_VIT, "ref_feat_shape": (4, 4), "attn_pool_num_heads": 2, **kwargs})
+    shrunk = {**TINY_TIMM_VIT, "ref_feat_shape": (4, 4), "attn_pool_num_heads": 2}
+    return _timm("vit_pe_core_base_patch16_224", **{**shrunk, **kwargs})
 
 
 @register_model
@@ -87,7 +88,8 @@ def promptune_tiny_fastvit_mci(pretrained: bool = False, **kwargs):
 
 
 def timm_tower(name: str, pool: str, proj: str | None) -> dict:
-    return {"image_size": 32, "timm_model_name": name, "timm_model_pretrained": False, "timm_pool": pool, "timm_proj": proj}
+    return {"image_size": 32, "timm_model_name": name, "timm_model_pretrained": False, "timm_pool": pool,
+            "timm_proj": proj}
 
 
 # ----------------------------------------------------------------------------------------------------- families
@@ -107,40 +109,40 @@ class Family:
         return self.name
 
 
+def clip(vision: dict, text: dict, embed_dim: int = 32, **extra) -> dict:
+    return {"embed_dim": embed_dim, "vision_cfg": vision, "text_cfg": text, **extra}
+
+
+UNMASKED = {**TEXT, "no_causal_mask": True}  # bidirectional text, EOT (argmax) pool: MobileCLIP-S*, MobileCLIP2
+CUSTOM = {"custom_text": True}  # open_clip's CustomTextCLIP (the text tower kept whole as `.text`)
 FAMILIES = [
-    Family("ViT-B-16", {"embed_dim": 32, "vision_cfg": VIT, "text_cfg": TEXT}, sep=True, trims=True),
-    Family("ViT-H-14-worldwide", {"embed_dim": 32, "vision_cfg": VIT, "text_cfg": {**TEXT, "pool_type": "eos", "eos_id": 49407}},
-           sep=True, trims=True),
-    Family("ViT-L-14-CLIPA", {"embed_dim": 32, "vision_cfg": {**VIT, "no_ln_pre": True, "pool_type": "avg", "final_ln_after_pool": True},
-                              "text_cfg": {**TEXT, "context_length": 32, "pool_type": "last", "no_causal_mask": True}},
+    Family("ViT-B-16", clip(VIT, TEXT), sep=True, trims=True),
+    Family("ViT-H-14-worldwide", clip(VIT, {**TEXT, "pool_type": "eos", "eos_id": 49407}), sep=True, trims=True),
+    Family("ViT-L-14-CLIPA", clip({**VIT, "no_ln_pre": True, "pool_type": "avg", "final_ln_after_pool": True},
+                                  {**TEXT, "context_length": 32, "pool_type": "last", "no_causal_mask": True}),
            sep=True, trims=False),
-    Family("coca_ViT-B-32", {"embed_dim": 32, "custom_text": True,
-                             "vision_cfg": {**VIT, "attentional_pool": True, "attn_pooler_heads": 2, "output_tokens": True},
-                             "text_cfg": {**TEXT, "context_length": 76, "embed_cls": True, "output_tokens": True},
-                             "multimodal_cfg": {"context_length": 76, "vocab_size": 49408, "width": 32, "heads": 2,
-                                                "layers": 1, "attn_pooler_heads": 2}},
+    Family("coca_ViT-B-32", clip({**VIT, "attentional_pool": True, "attn_pooler_heads": 2, "output_tokens": True},
+                                 {**TEXT, "context_length": 76, "embed_cls": True, "output_tokens": True},
+                                 multimodal_cfg={"context_length": 76, "vocab_size": 49408, "width": 32, "heads": 2,
+                                                 "layers": 1, "attn_pooler_heads": 2}, **CUSTOM),
            sep=True, trims=True),
-    Family("ViT-B-16-SigLIP2", {"embed_dim": 64, "init_logit_bias": -10, "custom_text": True,
-                                "vision_cfg": timm_tower("promptune_tiny_siglip", "map", "none"),
-                                "text_cfg": {**TEXT, "context_length": 64, "no_causal_mask": True, "proj_bias": True,
-                                             "pool_type": "last", "norm_kwargs": {"eps": 1e-6},
-                                             "act_kwargs": {"approximate": "tanh"}}},
+    Family("ViT-B-16-SigLIP2", clip(timm_tower("promptune_tiny_siglip", "map", "none"),
+                                    {**TEXT, "context_length": 64, "no_causal_mask": True, "proj_bias": True,
+                                     "pool_type": "last", "norm_kwargs": {"eps": 1e-6},
+                                     "act_kwargs": {"approximate": "tanh"}},
+                                    embed_dim=64, init_logit_bias=-10, **CUSTOM),
            sep=True, trims=False),
-    Family("EVA02-B-16", {"embed_dim": 32, "custom_text": True, "vision_cfg": timm_tower("promptune_tiny_eva02", "token", None),
-                          "text_cfg": TEXT}, sep=True, trims=True),
-    Family("PE-Core-B-16", {"embed_dim": 32, "custom_text": True, "vision_cfg": timm_tower("promptune_tiny_pe_core", "map", None),
-                            "text_cfg": {**TEXT, "context_length": 32}}, sep=True, trims=True),
-    Family("MobileCLIP-B", {"embed_dim": 32, "custom_text": True,
-                            "vision_cfg": timm_tower("promptune_tiny_mobileclip_b", "token", None),
-                            "text_cfg": {**TEXT, "no_causal_mask": False}}, sep=True, trims=True),
-    Family("MobileCLIP2-L-14", {"embed_dim": 32, "custom_text": True, "vision_cfg": timm_tower("promptune_tiny_vit_clip", "token", None),
-                                "text_cfg": {**TEXT, "no_causal_mask": True}}, sep=True, trims=False),
-    Family("MobileCLIP-S1", {"embed_dim": 32, "custom_text": True, "vision_cfg": timm_tower("promptune_tiny_fastvit_mci", "avg", None),
-                             "text_cfg": {**TEXT, "no_causal_mask": True}}, sep=False, trims=False),
-    Family("convnext_base", {"embed_dim": 32, "vision_cfg": timm_tower("test_convnext", "", "linear"), "text_cfg": TEXT},
-           sep=False, trims=True),
-    Family("RN50", {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 16}, "text_cfg": TEXT},
-           sep=False, trims=True),
+    Family("EVA02-B-16", clip(timm_tower("promptune_tiny_eva02", "token", None), TEXT, **CUSTOM), sep=True, trims=True),
+    Family("PE-Core-B-16", clip(timm_tower("promptune_tiny_pe_core", "map", None), {**TEXT, "context_length": 32},
+                                **CUSTOM), sep=True, trims=True),
+    Family("MobileCLIP-B", clip(timm_tower("promptune_tiny_mobileclip_b", "token", None),
+                                {**TEXT, "no_causal_mask": False}, **CUSTOM), sep=True, trims=True),
+    Family("MobileCLIP2-L-14", clip(timm_tower("promptune_tiny_vit_clip", "token", None), UNMASKED, **CUSTOM),
+           sep=True, trims=False),
+    Family("MobileCLIP-S1", clip(timm_tower("promptune_tiny_fastvit_mci", "avg", None), UNMASKED, **CUSTOM),
+           sep=False, trims=False),
+    Family("convnext_base", clip(timm_tower("test_convnext", "", "linear"), TEXT), sep=False, trims=True),
+    Family("RN50", clip({"image_size": 32, "layers": [1, 1, 1, 1], "width": 16}, TEXT), sep=False, trims=True),
 ]
 SEP_FAMILIES = [f for f in FAMILIES if f.sep]
 NAMES = ["ox", "red_square", "golden-retriever", " ".join(f"word{i}" for i in range(120))]  # the last fills any context
@@ -250,9 +252,9 @@ def test_frozen_text_features_equal_encode_text_trimmed_and_untrimmed(family, ba
 def test_coop_context_started_from_a_phrase_is_the_zero_shot_prompt(family, backbone):
     """'X X X X {name}.' with X = the embeddings of 'a photo of a' is exactly 'a photo of a {name}.' in every layout."""
     coop = CoOp(backbone, NAMES[:3], CoOp.make_config({"ctx_init": "a photo of a"})).eval()
+    expected = encode_text(backbone, [f"a photo of a {prompt_name(n)}." for n in NAMES[:3]])
     with torch.no_grad():
-        torch.testing.assert_close(coop.text_features(), encode_text(backbone, [f"a photo of a {prompt_name(n)}." for n in NAMES[:3]]),
-                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(coop.text_features(), expected, atol=1e-5, rtol=0)
 
 
 class NoStartTokenizer:
@@ -428,14 +430,15 @@ def test_a_local_weights_file_gets_the_preprocessing_of_the_models_tags():
     """A file carries no tag; the model's published tags say its mean/std (open_clip alone would use OpenAI's)."""
     from promptune.backbones import _tag_preprocess
 
-    assert _tag_preprocess("ViT-B-16-SigLIP2") == {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bicubic"}
+    siglip = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bicubic"}
+    assert _tag_preprocess("ViT-B-16-SigLIP2") == siglip
     assert _tag_preprocess("MobileCLIP-S1")["std"] == (1.0, 1.0, 1.0)
     assert _tag_preprocess("ViT-L-14") == {}  # its tags disagree (OpenAI vs 0.5): open_clip's default stays
     assert _tag_preprocess("tiny-not-a-published-model") == {}
 
 
 def test_a_hugging_face_text_tower_is_refused_by_every_clip_method(loaded):
-    """roberta / xlm-roberta / mt5 / nllb CLIPs keep a `transformers` model as `.text`; a stand-in has the same shape."""
+    """roberta / xlm-roberta / mt5 / nllb CLIPs keep a `transformers` model as `.text`; a stand-in does the same."""
 
     class HuggingFaceTextCLIP(torch.nn.Module):
         def __init__(self, visual: torch.nn.Module) -> None:

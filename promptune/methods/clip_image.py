@@ -43,7 +43,7 @@ class PromptableImageTower(nn.Module):
         self.visual = visual
 
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B, 3, H, W) -> image tokens with positional embedding, before the pre-norm (B, T, D); rotary table or None."""
+        """(B, 3, H, W) -> tokens with positional embedding, before the pre-norm (B, T, D), and rotary table or None."""
         raise NotImplementedError
 
     def pre_norm(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,7 +134,7 @@ class TimmViT(PromptableImageTower):
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         trunk = self.visual.trunk
-        return self.visual.head(trunk.forward_head(trunk.norm(x)))  # timm pooling (token/avg/map), then open_clip's head
+        return self.visual.head(trunk.forward_head(trunk.norm(x)))  # timm's pooling (token/avg/map), open_clip's head
 
 
 class TimmEva(TimmViT):
@@ -145,7 +145,8 @@ class TimmEva(TimmViT):
         from timm.layers import RotaryEmbeddingCat
 
         rope = getattr(visual.trunk, "rope", None)
-        if rope is not None and (not isinstance(rope, RotaryEmbeddingCat) or getattr(visual.trunk, "rope_mixed", False)):
+        mixed = getattr(visual.trunk, "rope_mixed", False)  # one table per block
+        if rope is not None and (not isinstance(rope, RotaryEmbeddingCat) or mixed):
             raise MethodError(
                 f"This CLIP's Eva image tower uses a {type(rope).__name__} rotary embedding; SEP supports Eva towers "
                 f"with timm's RotaryEmbeddingCat (EVA02, PE-Core) or none; use --method coop with this one."

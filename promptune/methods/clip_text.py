@@ -165,7 +165,8 @@ class ClipTextRunner(nn.Module):
             return pooled
         return projection(pooled) if isinstance(projection, nn.Linear) else pooled @ projection
 
-    def forward(self, x: torch.Tensor, tokens: torch.Tensor, hook: LayerHook | None = None, length: int | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, tokens: torch.Tensor, hook: LayerHook | None = None,
+                length: int | None = None) -> torch.Tensor:
         """Token embeddings (N, context_length, D) -> projected text features (N, E), unnormalised.
 
         `length` overrides the trimmed length where trimming is exact; elsewhere the whole context always runs.

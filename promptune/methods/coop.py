@@ -1,6 +1,8 @@
 """CoOp (Zhou et al., IJCV 2022): learned text context in front of each class name; CLIP stays frozen.
 
-The context is class-independent, so a CoOp prompt file classifies into any class names.
+The context is class-independent, so a CoOp prompt file classifies into any class names. Only the text side learns:
+the image side is the frozen `encode_image`, so CoOp runs on every CLIP whose text tower is an open_clip
+transformer, convolutional image towers (ResNet, ConvNeXt, MobileCLIP-S*) included.
 """
 
 from __future__ import annotations

@@ -207,7 +207,8 @@ class SEP(ClipPromptMethod):
             raise error(f"--template must be one template or a list of them, got {templates!r}.")
         for template in templates_of(templates):
             if not isinstance(template, str) or template.count("{}") != 1:
-                raise error(f"--template must contain '{{}}' exactly once (where the class name goes), got {template!r}.")
+                raise error(f"--template must contain '{{}}' exactly once (where the class name goes), "
+                            f"got {template!r}.")
         for field in ("text_weight", "image_weight", "proto_weight"):
             value = getattr(config, field)
             if not _is_real(value) or value < 0:

@@ -20,7 +20,8 @@ DEFAULT_TEMPLATE = "a photo of a {}."
 
 
 class ZeroShotCLIP(nn.Module):
-    def __init__(self, backbone: Backbone, class_names: list[str], templates: Sequence[str] = (DEFAULT_TEMPLATE,)) -> None:
+    def __init__(self, backbone: Backbone, class_names: list[str],
+                 templates: Sequence[str] = (DEFAULT_TEMPLATE,)) -> None:
         super().__init__()
         self.clip = backbone.model
         self.text = ClipTextRunner(backbone.model, backbone.tokenizer)
