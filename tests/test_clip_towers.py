@@ -257,6 +257,15 @@ def test_coop_context_started_from_a_phrase_is_the_zero_shot_prompt(family, back
         torch.testing.assert_close(coop.text_features(), expected, atol=1e-5, rtol=0)
 
 
+def test_context_longer_than_a_short_text_context_is_one_sentence(loaded):
+    backbone = loaded(family_named("PE-Core-B-16"))  # 32 text positions
+    with pytest.raises(MethodError, match="--n-ctx") as caught:
+        CoOp(backbone, NAMES[:3], CoOp.make_config({"n_ctx": 40}))
+    assert "\n" not in str(caught.value)
+    with pytest.raises(MethodError, match="--n-ctx 16 needs 33 text positions"):
+        make_sep(backbone, n_ctx=16)  # 16 context tokens plus the 16 after them that feed the fusion
+
+
 class NoStartTokenizer:
     """open_clip's BPE tokens without the start token: SigLIP's SentencePiece layout (text, EOS, padding)."""
 

@@ -110,8 +110,8 @@ class ClipTextRunner(nn.Module):
         span = tokens[:, self.content_start : self.content_start + n_ctx]
         if span.shape[1] != n_ctx or not bool((span == self.placeholder_id).all()):
             raise MethodError(
-                f"This CLIP's tokenizer does not keep {n_ctx} placeholder words as {n_ctx} tokens at the start of the "
-                f"prompt, so learned context cannot be placed; use a smaller --n-ctx."
+                f"{n_ctx} context tokens do not fit this CLIP's {self.context_length}-token text context (or its "
+                f"tokenizer merges the placeholder words), so learned context cannot be placed; use a smaller --n-ctx."
             )
 
     def phrase_length(self, phrase: str) -> int:
