@@ -200,6 +200,20 @@ def sep_backbone(sep_family, loaded) -> Backbone:
     return loaded(sep_family)
 
 
+METHOD_CASES = [(f, m) for f in FAMILIES for m in (("sep", "coop") if f.sep else ("coop",))]
+
+
+@pytest.fixture(params=METHOD_CASES, ids=lambda case: f"{case[0]}-{case[1]}")
+def method_case(request, loaded):
+    """(backbone, a fresh method on it): SEP and CoOp on every family that takes prompt tokens, CoOp on the rest."""
+    family, name = request.param
+    backbone = loaded(family)
+    if name == "sep":
+        return backbone, make_sep(backbone)
+    torch.manual_seed(0)
+    return backbone, CoOp(backbone, NAMES[:3], CoOp.make_config({"n_ctx": 4}))
+
+
 def family_named(name: str) -> Family:
     return next(f for f in FAMILIES if f.name == name)
 
@@ -361,10 +375,10 @@ def test_single_image_logits_equal_batched_logits(sep_family, sep_backbone):
             torch.testing.assert_close(sep(pixels[i : i + 1])[0], together[i], atol=1e-5, rtol=1e-5)
 
 
-def test_a_few_training_steps_lower_the_loss(family, backbone):
+def test_a_few_training_steps_lower_the_loss(method_case):
+    backbone, method = method_case
     pixels, labels = images(6, seed=3), torch.tensor([0, 1, 2, 0, 1, 2])
-    method = make_sep(backbone) if family.sep else CoOp(backbone, NAMES[:3], CoOp.make_config({"n_ctx": 4}))
-    optimizer = torch.optim.Adam(method.param_groups(0.0), lr=3e-3 if family.sep else 3e-2)
+    optimizer = torch.optim.Adam(method.param_groups(0.0), lr=3e-3)
     method.train()
     losses = []
     for _ in range(6):
@@ -377,8 +391,8 @@ def test_a_few_training_steps_lower_the_loss(family, backbone):
     assert all(p.grad is None for p in backbone.model.parameters())
 
 
-def test_bf16_autocast_runs_forward_and_backward(family, backbone):
-    method = make_sep(backbone) if family.sep else CoOp(backbone, NAMES[:3], CoOp.make_config({"n_ctx": 4}))
+def test_bf16_autocast_runs_forward_and_backward(method_case):
+    _, method = method_case
     method.train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss, logits = method.training_loss(images(2), torch.tensor([0, 2]))
@@ -388,8 +402,8 @@ def test_bf16_autocast_runs_forward_and_backward(family, backbone):
         assert tensor.grad is not None and torch.isfinite(tensor.grad).all(), name
 
 
-def test_prompt_file_round_trips_through_promptune_load(family, backbone, tmp_path):
-    method = make_sep(backbone) if family.sep else CoOp(backbone, NAMES[:3], CoOp.make_config({"n_ctx": 4}))
+def test_prompt_file_round_trips_through_promptune_load(method_case, tmp_path):
+    backbone, method = method_case
     randomize_learned(method, 4)
     method.eval()
     pixels = images(3)
