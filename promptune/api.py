@@ -358,7 +358,7 @@ class TunedModel:
     def _zero_shot(self, names: list[str]):
         from promptune.methods.zeroshot import ZeroShotCLIP
 
-        return ZeroShotCLIP(self.backbone, names).to(self.runtime.device).eval()
+        return ZeroShotCLIP(self.backbone, names, self.method.zero_shot_templates()).to(self.runtime.device).eval()
 
 
 def load(prompts: str | Path, *, backbone: str | None = None, weights: str | None = None, device: str = "auto",

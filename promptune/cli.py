@@ -208,7 +208,7 @@ def tune(
     n_ctx: Annotated[Optional[int], typer.Option(help="[sep, coop] Learned text context tokens (sep 6, coop 16).", show_default=False)] = None,
     ctx_init: Annotated[Optional[str], typer.Option(help="[coop] Initialise the context from a phrase, e.g. 'a photo of a'.", show_default=False)] = None,
     n_ctx_v: Annotated[Optional[int], typer.Option(help="[sep] Learned visual prompt tokens (4).", show_default=False)] = None,
-    template: Annotated[Optional[str], typer.Option(help="[sep] Hand-crafted template for the frozen text branch ('a photo of a {}.').", show_default=False)] = None,
+    template: Annotated[Optional[list[str]], typer.Option(help="[sep] Hand-crafted template of the frozen text branch and of eval's zero-shot baseline, '{}' where the class name goes ('a photo of a {}.'). Repeat the option to average several templates' text features.", show_default=False)] = None,
     depth: Annotated[Optional[str], typer.Option(help="[spt, vpt] deep (prompts at every layer) or shallow (input only).", show_default=False)] = None,
     prompts_per_layer: Annotated[Optional[int], typer.Option(help="[spt, vpt] Prompt tokens per layer (20 deep, 100 shallow).", show_default=False)] = None,
     init: Annotated[Optional[str], typer.Option(help="[spt] Prompt initialisation: random, mean, max or kmeans token prototypes.", show_default=False)] = None,
@@ -230,7 +230,8 @@ def tune(
     """
     from promptune.api import tune as run_tune
 
-    options = dict(n_ctx=n_ctx, ctx_init=ctx_init, n_ctx_v=n_ctx_v, template=template, depth=depth,
+    templates = (template[0] if len(template) == 1 else template) if template else None  # one stays a plain string
+    options = dict(n_ctx=n_ctx, ctx_init=ctx_init, n_ctx_v=n_ctx_v, template=templates, depth=depth,
                    prompts_per_layer=prompts_per_layer, init=init, init_images=init_images, pool_window=pool_window,
                    pool=pool)
     reporter = ProgressReporter() if _show_progress(quiet) else (LineReporter() if not quiet and not json_output else None)
@@ -289,7 +290,7 @@ def evaluate(
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
     precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16.")] = "auto",
     workers: Annotated[Optional[int], typer.Option(help="Data-loading worker processes.", show_default=False)] = None,
-    zero_shot: Annotated[bool, typer.Option("--zero-shot/--no-zero-shot", help="Also report zero-shot CLIP ('a photo of a {}.') for comparison.")] = True,
+    zero_shot: Annotated[bool, typer.Option("--zero-shot/--no-zero-shot", help="Also report zero-shot CLIP for comparison, with the prompt file's templates (sep) or 'a photo of a {}.'.")] = True,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     report_dir: Annotated[Optional[Path], typer.Option("--report", help="Write metrics.json, per_class.csv, confusion.png and misclassified.csv here.", show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No header line, no progress bar.")] = False,

@@ -238,7 +238,7 @@ def test_ctx_init_sets_n_ctx_and_the_phrase_embeddings(backbone, class_names):
 def test_ctx_init_starts_from_the_zero_shot_prompt(backbone, class_names):
     """'X X X X {name}.' with X = the phrase's embeddings is exactly 'a photo of a {name}.'."""
     model = CoOp(backbone, class_names, CoOp.make_config({"ctx_init": PHRASE})).eval()
-    zero_shot = ZeroShotCLIP(backbone, class_names, template=PHRASE + " {}.")
+    zero_shot = ZeroShotCLIP(backbone, class_names, [PHRASE + " {}."])
     with torch.no_grad():
         torch.testing.assert_close(model.text_features(), zero_shot.text_features, atol=1e-5, rtol=0)
 

@@ -130,7 +130,7 @@ def test_the_distribution_name_is_not_the_other_projects():
     installs = re.findall(r"\bpipx? install ((?:-[-\w]+ )*)('[^']+'|[^\s`]+)", readme)
     assert installs
     for _options, target in installs:
-        assert target in ("promptune-vision", ".", "'.[test]'") or target.startswith("torch=="), target
+        assert target in ("promptune-vision", "'promptune-vision[hf]'", ".", "'.[test]'") or target.startswith("torch=="), target
 
 
 def test_the_readme_set_up_runs_the_example_then_the_ci_test_command():

@@ -11,14 +11,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms
+from typer.testing import CliRunner
 
 from conftest import TINY_CLIP_CONFIG, PrepareRecorder, assert_checkpointing_is_exact, make_clip_files, train_steps
 from promptune.artifact import PromptFile, load_prompt_file, save_prompt_file
 from promptune.backbones import load_backbone
-from promptune.data import prompt_name
+from promptune.cli import app
+from promptune.data import decode_image, load_eval_data, prompt_name
 from promptune.errors import MethodError, PromptFileError
 from promptune.methods import get_method
 from promptune.methods.sep import SEP, select_tokens
+from promptune.methods.zeroshot import ZeroShotCLIP
 
 TRAINED = ["red_square", "green-circle", "blue_triangle"]
 LONG_NAME = " ".join(["spotted"] * 20) + " dog"
@@ -155,6 +158,49 @@ def test_frozen_branch_equals_open_clip(backbone, test_set):
     torch.testing.assert_close(sep.template_features, reference_text, atol=1e-6, rtol=0)
 
 
+TEMPLATES = ["a photo of a {}.", "a sketch of {}.", "a close-up photo of the {}."]
+
+
+def test_several_templates_are_averaged_for_sep_and_zero_shot(backbone):
+    """Per class: each template's normalised features, averaged, renormalised; for SEP and eval's zero-shot baseline."""
+    sep = make_sep(backbone, template=TEMPLATES)
+    per_template = []
+    with torch.no_grad():
+        for template in TEMPLATES:
+            texts = [template.format(prompt_name(n)) for n in TRAINED]
+            per_template.append(F.normalize(backbone.model.encode_text(backbone.tokenizer(texts)), dim=-1))
+    expected = F.normalize(torch.stack(per_template).mean(0), dim=-1)
+    torch.testing.assert_close(sep.template_features, expected, atol=1e-6, rtol=0)
+    assert not torch.allclose(expected, per_template[0], atol=1e-3)  # averaging does change the features
+    assert sep.zero_shot_templates() == TEMPLATES and sep.hparams()["template"] == TEMPLATES
+    zero_shot = ZeroShotCLIP(backbone, TRAINED, sep.zero_shot_templates())
+    torch.testing.assert_close(zero_shot.text_features, expected, atol=1e-6, rtol=0)
+    single = make_sep(backbone)  # the default stays one plain string, as in every prompt file written before
+    assert single.hparams()["template"] == "a photo of a {}." and single.zero_shot_templates() == ["a photo of a {}."]
+
+
+def test_repeated_template_options_reach_the_prompt_file_and_the_eval_baseline(clip_files, shape_folder,
+                                                                                shape_test_folder, tmp_path):
+    config, weights = clip_files
+    out = tmp_path / "sep.safetensors"
+    arguments = ["tune", str(shape_folder), "--method", "sep", "--backbone", str(config), "--weights", str(weights),
+                 "--epochs", "1", "--shots", "2", "--batch-size", "6", "--workers", "0", "--device", "cpu",
+                 "--no-checkpoint", "--quiet", "--out", str(out)]
+    for template in TEMPLATES[:2]:
+        arguments += ["--template", template]
+    result = CliRunner().invoke(app, arguments)
+    assert result.exit_code == 0, result.output
+    model = promptune.load(out, device="cpu")
+    assert model.prompt_file.hparams["template"] == TEMPLATES[:2]
+    report = model.evaluate(shape_test_folder, workers=0)
+    baseline = ZeroShotCLIP(model.backbone, report.class_names, TEMPLATES[:2])
+    data = load_eval_data(shape_test_folder)
+    pixels = torch.stack([model.transform(decode_image(item.path)) for item in data.items])
+    labels = torch.tensor([item.label for item in data.items])
+    expected = int((baseline(pixels).argmax(-1) == labels).sum()) / len(labels)
+    assert report.zero_shot_top1 == pytest.approx(expected, abs=1e-9)
+
+
 def test_template_is_configurable(backbone):
     sep = make_sep(backbone, template="a sketch of {}.")
     with torch.no_grad():
@@ -230,7 +276,7 @@ def test_length_trimming_is_exact(backbone):
         assert sep.text.needed_length(sep.prompts.tokens, 1 + 2 * sep.n_ctx) < 77  # trimming does trim
         torch.testing.assert_close(sep.encode_text_prompted(), sep.encode_text_prompted(length=77), atol=1e-5, rtol=0)
         sep.set_classes(mixed)
-        assert int(sep.text.eot_positions(sep.prompts.tokens)[-1]) == 76  # the last name fills the context
+        assert int(sep.text.text_end(sep.prompts.tokens)[-1]) == 76  # the last name fills the context
         trimmed = F.normalize(sep.encode_text_prompted(), dim=-1)
         full = F.normalize(sep.encode_text_prompted(length=77), dim=-1)
         torch.testing.assert_close(trimmed, full, atol=1e-5, rtol=0)
@@ -295,7 +341,7 @@ def test_non_vit_image_tower_is_refused(tmp_path):
     config = copy.deepcopy(TINY_CLIP_CONFIG)
     config["vision_cfg"] = {"image_size": 32, "layers": [1, 1, 1, 1], "width": 16}
     resnet = load_backbone(*map(str, make_clip_files(tmp_path, "tiny-rn", config)))
-    with pytest.raises(MethodError, match="VisionTransformer"):
+    with pytest.raises(MethodError, match="ModifiedResNet, which takes no extra tokens.*--method coop"):
         SEP(resnet, TRAINED, SEP.make_config({}))
 
 
@@ -308,6 +354,9 @@ def test_non_vit_image_tower_is_refused(tmp_path):
         {"fusion_layers": [1, 1]},
         {"fusion_layers": [-1]},
         {"template": "a photo"},
+        {"template": []},
+        {"template": ["a photo of a {}.", "a sketch"]},
+        {"template": 3},
         {"text_weight": -1.0},
         {"proto_scale": 0},
         {"gate_init": 1.5},

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -66,6 +66,45 @@ def _clip_shape(model: nn.Module) -> dict[str, int]:
     return shape
 
 
+def _clip_tokenizer(model_name: str, name: str) -> Callable[..., torch.Tensor]:
+    """open_clip's tokenizer for the model. SigLIP, CLIPA and the worldwide CLIPs name a Hugging Face tokenizer, which
+    needs the `transformers` package and, once, the hub (it is cached after the first download)."""
+    import open_clip
+
+    try:
+        with quiet_libraries():
+            return open_clip.get_tokenizer(model_name)
+    except ImportError:
+        raise BackboneError(
+            f"{name} uses a Hugging Face tokenizer, which needs the transformers package; install it with "
+            f"'pipx inject promptune-vision transformers' (or pip install 'promptune-vision[hf]')."
+        ) from None
+    except (OSError, ValueError) as error:
+        hub_name = (open_clip.get_model_config(model_name) or {}).get("text_cfg", {}).get("hf_tokenizer_name", "?")
+        raise BackboneError(
+            f"Could not load the tokenizer '{hub_name}' of {name} ({str(error).splitlines()[0]}); it is fetched from "
+            f"the Hugging Face hub once, so run once on a machine with internet to cache it."
+        ) from None
+
+
+def _tag_preprocess(model_name: str) -> dict[str, Any]:
+    """The mean, std and interpolation every published tag of the model agrees on ({} if none, or if they differ).
+
+    A local weights file carries no tag, so open_clip falls back to OpenAI's mean and std, which are wrong for SigLIP,
+    PE-Core (0.5) and MobileCLIP (no normalisation); the model's own tags say what its weights expect.
+    """
+    import open_clip
+
+    keys = ("mean", "std", "interpolation")
+    found = {
+        tuple(open_clip.get_pretrained_cfg(model_name, tag).get(key) for key in keys)
+        for tag in open_clip.list_pretrained_tags_by_model(model_name)
+    }
+    if len(found) != 1:
+        return {}
+    return {key: value for key, value in zip(keys, found.pop()) if value is not None}
+
+
 def load(name: str, weights: str | None, stored_config: dict[str, Any] | None = None) -> Backbone:
     import open_clip
 
@@ -98,6 +137,8 @@ def load(name: str, weights: str | None, stored_config: dict[str, Any] | None = 
         raise BackboneError(f"Could not read weights file '{local}': {str(error).splitlines()[0]}") from None
     freeze(model)
     cfg = getattr(model.visual, "preprocess_cfg", {}) or {}
+    if local is not None:
+        cfg = {**cfg, **_tag_preprocess(model_name)}
     size = cfg.get("size", 224)
     preprocess = Preprocess(
         size=int(size[0] if isinstance(size, (tuple, list)) else size),
@@ -112,7 +153,7 @@ def load(name: str, weights: str | None, stored_config: dict[str, Any] | None = 
         weights=local.name if local else weights,
         model=model,
         preprocess=preprocess,
-        tokenizer=open_clip.get_tokenizer(model_name),
+        tokenizer=_clip_tokenizer(model_name, name),
         weights_sha256=file_sha256(local) if local else None,
         weights_path=str(local) if local else None,
         clip_config=open_clip.get_model_config(model_name) if (config_path or stored_config) else None,

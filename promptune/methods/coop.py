@@ -1,6 +1,8 @@
 """CoOp (Zhou et al., IJCV 2022): learned text context in front of each class name; CLIP stays frozen.
 
-The context is class-independent, so a CoOp prompt file classifies into any class names.
+The context is class-independent, so a CoOp prompt file classifies into any class names. Only the text side learns:
+the image side is the frozen `encode_image`, so CoOp runs on every CLIP whose text tower is an open_clip
+transformer, convolutional image towers (ResNet, ConvNeXt, MobileCLIP-S*) included.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from promptune.backbones import Backbone
 from promptune.data import prompt_name
 from promptune.errors import MethodError
 from promptune.methods.base import PromptMethod
+from promptune.methods.clip_common import clip_logits
 from promptune.methods.clip_text import ClipTextRunner, context_prompts
+from promptune.methods.zeroshot import DEFAULT_TEMPLATE
 
 
 @dataclass
@@ -25,14 +29,26 @@ class CoOpConfig:
 
 
 class ClassPrompts(nn.Module):
-    """Tokenised 'X .. X {name}.' prompts for the current class list; class-dependent, so never saved."""
+    """Tokenised 'X .. X {name}.' prompts for the current class list; class-dependent, so never saved.
+
+    The context occupies positions start..start+n_ctx-1 (start = 1 after a start token, 0 without one).
+    """
 
     def __init__(self, runner: ClipTextRunner, names: list[str], n_ctx: int) -> None:
         super().__init__()
         tokens = runner.tokenize(context_prompts([prompt_name(n) for n in names], n_ctx))
+        runner.check_placeholders(tokens, n_ctx)
+        self.start = runner.content_start
+        self.n_ctx = n_ctx
         self.register_buffer("tokens", tokens, persistent=False)  # (C, context_length)
         with torch.no_grad():
             self.register_buffer("embeddings", runner.embed(tokens), persistent=False)  # (C, context_length, D)
+
+    def with_context(self, ctx: torch.Tensor) -> torch.Tensor:
+        """The prompt embeddings (C, context_length, D) with the context slots replaced by ctx (n_ctx, D)."""
+        emb = self.embeddings
+        ctx = ctx.to(emb.dtype).unsqueeze(0).expand(emb.shape[0], -1, -1)
+        return torch.cat([emb[:, : self.start], ctx, emb[:, self.start + self.n_ctx :]], dim=1)
 
 
 class ClipPromptMethod(PromptMethod):
@@ -48,9 +64,13 @@ class ClipPromptMethod(PromptMethod):
         self.prompts = ClassPrompts(self.text, self.class_names, n_ctx)
         self._text_cache: torch.Tensor | None = None
 
-    @property
-    def logit_scale(self) -> torch.Tensor:
-        return self.clip.logit_scale.exp()
+    def logits(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """CLIP's own logits (scale·cos + bias where the model has one) of normalised features: (B, C)."""
+        return clip_logits(self.clip, image, text)
+
+    def zero_shot_templates(self) -> list[str]:
+        """The hand-crafted templates of the zero-shot baseline that `eval` reports next to this method."""
+        return [DEFAULT_TEMPLATE]
 
     def set_classes(self, class_names: list[str]) -> None:
         super().set_classes(class_names)
@@ -120,23 +140,17 @@ class CoOp(ClipPromptMethod):
 
     @staticmethod
     def _phrase_embedding(runner: ClipTextRunner, phrase: str) -> torch.Tensor:
+        """The embeddings of the phrase's own tokens (n, D): 'X X X X {name}.' then reads as '{phrase} {name}.'."""
         tokens = runner.tokenize([phrase])
-        n = int(runner.eot_positions(tokens)[0]) - 1
+        start, n = runner.content_start, runner.phrase_length(phrase)
         with torch.no_grad():
-            return runner.embed(tokens)[0, 1 : 1 + n].float().cpu()
-
-    def splice(self, ctx: torch.Tensor) -> torch.Tensor:
-        """Class prompt embeddings with the context slots (positions 1..n_ctx) replaced by `ctx`."""
-        emb = self.prompts.embeddings
-        ctx = ctx.to(emb.dtype).unsqueeze(0).expand(emb.shape[0], -1, -1)
-        return torch.cat([emb[:, :1], ctx, emb[:, 1 + self.n_ctx :]], dim=1)
+            return runner.embed(tokens)[0, start : start + n].float().cpu()
 
     def compute_text_features(self) -> torch.Tensor:
-        return F.normalize(self.text(self.splice(self.ctx), self.prompts.tokens), dim=-1)
+        return F.normalize(self.text(self.prompts.with_context(self.ctx), self.prompts.tokens), dim=-1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        image = self.frozen_image_features(images)
-        return self.logit_scale * image @ self.text_features().t().to(image.dtype)
+        return self.logits(self.frozen_image_features(images), self.text_features())
 
     def learned_state(self) -> dict[str, torch.Tensor]:
         return {"ctx": self.ctx}

@@ -5,7 +5,12 @@ Module (TFM) per fusion layer and side. Before each fusion block the prompt slot
 the current prompt states with representative pre-trained tokens of the same input:
 
 - text: the `n_ctx` positions right after the context (class-name tokens, ".", EOT, padding), as the authors do;
-- image: each image's own top-`n_ctx_v` CLS/patch tokens by mean squared activation.
+- image: each image's own top-`n_ctx_v` tokens by mean squared activation, among all its tokens (class and register
+  tokens included, as the authors include CLS: high-norm tokens carry global information).
+
+The image side runs on any ViT tower through `clip_image.PromptableImageTower` (open_clip ViTs, and timm ViT / Eva
+towers: SigLIP, EVA02, PE-Core, MobileCLIP-B); the prompts never enter the tower's pooling and get no positional or
+rotary embedding. The text side runs on every open_clip text transformer layout (`clip_text.ClipTextRunner`).
 
 Unlike the authors' code, token selection and the TFM attention are strictly per input (the reference averages the
 selection score over the batch and attends across the images of a batch), so an image's prediction never depends on
@@ -25,10 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from promptune.backbones import Backbone
-from promptune.data import prompt_name
 from promptune.errors import MethodError
-from promptune.methods.base import run_block
+from promptune.methods.clip_image import image_tower
 from promptune.methods.coop import ClipPromptMethod
+from promptune.methods.zeroshot import DEFAULT_TEMPLATE
 
 
 @dataclass
@@ -36,7 +41,9 @@ class SEPConfig:
     n_ctx: int = 6  # learned text context tokens; also how many tokens after the context feed the text fusion
     n_ctx_v: int = 4  # learned visual tokens appended after CLS + patches; also the top-k tokens fused per image
     fusion_layers: list[int] | None = None  # blocks preceded by a Token Fusion Module (None = every block but the first)
-    template: str = "a photo of a {}."  # hand-crafted prompt of the frozen text branch and the text consistency loss
+    # Hand-crafted template(s) of the frozen text branch, the text consistency loss and eval's zero-shot baseline: one
+    # string, or a list whose normalised text features are averaged (and renormalised) per class.
+    template: str | list[str] = DEFAULT_TEMPLATE
     text_weight: float = 8.0  # weight of 1 - cos(prompted text feature, hand-crafted text feature)
     image_weight: float = 6.0  # weight of 1 - cos(prompted image feature, frozen image feature)
     proto_weight: float = 0.5  # weight of the cosine prototype classifier's cross-entropy (training only)
@@ -102,17 +109,9 @@ def select_tokens(x: torch.Tensor, k: int) -> torch.Tensor:
     return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
-def _vision_tower(model: nn.Module) -> nn.Module:
-    from open_clip.transformer import VisionTransformer
-
-    visual = getattr(model, "visual", None)
-    if not isinstance(visual, VisionTransformer):
-        kind = type(visual).__name__ if visual is not None else "missing"
-        raise MethodError(
-            f"SEP needs a ViT image tower (open_clip VisionTransformer, e.g. ViT-B-16 or ViT-B-32), but this CLIP's "
-            f"image tower is a {kind}; use a ViT CLIP or another method (coop)."
-        )
-    return visual
+def templates_of(template: str | list[str]) -> list[str]:
+    """The template option as a list (a prompt file written before several templates were allowed holds a string)."""
+    return [template] if isinstance(template, str) else list(template)
 
 
 def _fusion_layers(requested: list[int] | None, depth: int, side: str) -> list[int]:
@@ -150,20 +149,22 @@ class SEP(ClipPromptMethod):
     Config = SEPConfig
 
     def __init__(self, backbone: Backbone, class_names: list[str], config: SEPConfig) -> None:
+        tower = image_tower(backbone.model)  # refuses towers that take no prompt tokens, before any text work
         super().__init__(backbone, class_names, config, config.n_ctx)
-        self.visual = _vision_tower(self.clip)
-        if self.text.context_length < 1 + 2 * config.n_ctx:
+        self.image_tower = tower
+        needed = self.text.content_start + 2 * config.n_ctx  # the context, then as many tokens to fuse with
+        if self.text.context_length < needed:
             raise MethodError(
-                f"n_ctx={config.n_ctx} needs {1 + 2 * config.n_ctx} text positions but this CLIP's context holds "
-                f"only {self.text.context_length}."
+                f"--n-ctx {config.n_ctx} needs {needed} text positions but this CLIP's context holds only "
+                f"{self.text.context_length}."
             )
-        candidates = int(self.visual.positional_embedding.shape[0])
+        candidates = self.image_tower.image_tokens
         if config.n_ctx_v > candidates:
-            raise MethodError(f"n_ctx_v={config.n_ctx_v} exceeds the {candidates} CLS and patch tokens of this image tower.")
+            raise MethodError(f"--n-ctx-v {config.n_ctx_v} exceeds the {candidates} image tokens of this image tower.")
         text_width = self.text.width
-        vision_width = int(self.visual.transformer.width)
+        vision_width = self.image_tower.width
         self.text_layers = _fusion_layers(config.fusion_layers, self.text.layers, "text")
-        self.visual_layers = _fusion_layers(config.fusion_layers, len(self.visual.transformer.resblocks), "image")
+        self.visual_layers = _fusion_layers(config.fusion_layers, len(self.image_tower.blocks), "image")
         self._text_slot = {layer: i for i, layer in enumerate(self.text_layers)}
         self._visual_slot = {layer: i for i, layer in enumerate(self.visual_layers)}
 
@@ -195,8 +196,13 @@ class SEP(ClipPromptMethod):
                 raise error(f"fusion_layers must be a non-empty list of block indices (0 or more), got {layers!r}.")
             if len(set(layers)) != len(layers):
                 raise error(f"fusion_layers must not repeat a block, got {list(layers)}.")
-        if not isinstance(config.template, str) or config.template.count("{}") != 1:
-            raise error(f"template must contain '{{}}' exactly once (where the class name goes), got {config.template!r}.")
+        templates = config.template
+        if not isinstance(templates, (str, list, tuple)) or (not isinstance(templates, str) and not templates):
+            raise error(f"--template must be one template or a list of them, got {templates!r}.")
+        for template in templates_of(templates):
+            if not isinstance(template, str) or template.count("{}") != 1:
+                raise error(f"--template must contain '{{}}' exactly once (where the class name goes), "
+                            f"got {template!r}.")
         for field in ("text_weight", "image_weight", "proto_weight"):
             value = getattr(config, field)
             if not _is_real(value) or value < 0:
@@ -209,8 +215,11 @@ class SEP(ClipPromptMethod):
             raise error(f"gate_init must be between 0 and 1, got {config.gate_init!r}.")
 
     # ----- classes ---------------------------------------------------------------------------------------------------
+    def zero_shot_templates(self) -> list[str]:
+        return templates_of(self.config.template)
+
     def _template_features(self, names: list[str]) -> torch.Tensor:
-        return self.text.encode_texts([self.config.template.format(prompt_name(n)) for n in names]).float()
+        return self.text.encode_templates(self.zero_shot_templates(), names).float()
 
     def set_classes(self, class_names: list[str]) -> None:
         """New class names: rebuilds the class prompts, the frozen template features and the (unsaved) prototypes."""
@@ -220,67 +229,45 @@ class SEP(ClipPromptMethod):
         self.prototypes = nn.Parameter(template.clone(), requires_grad=self.prototypes.requires_grad)
 
     # ----- text ------------------------------------------------------------------------------------------------------
-    def _splice(self) -> torch.Tensor:
-        emb = self.prompts.embeddings
-        ctx = self.ctx.to(emb.dtype).unsqueeze(0).expand(emb.shape[0], -1, -1)
-        return torch.cat([emb[:, :1], ctx, emb[:, 1 + self.n_ctx :]], dim=1)
-
     def _text_hook(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """Before a fusion block: the context slots become the fusion of themselves with the n_ctx tokens after them."""
         slot = self._text_slot.get(index)
         if slot is None:
             return x
-        n = self.n_ctx
-        fused = self.text_fusion[slot](x[:, 1 : 1 + n], x[:, 1 + n : 1 + 2 * n])
-        return torch.cat([x[:, :1], fused, x[:, 1 + n :]], dim=1)
+        s, n = self.prompts.start, self.n_ctx
+        fused = self.text_fusion[slot](x[:, s : s + n], x[:, s + n : s + 2 * n])
+        return torch.cat([x[:, :s], fused, x[:, s + n :]], dim=1)
 
     def encode_text_prompted(self, length: int | None = None) -> torch.Tensor:
-        """Unnormalised prompted text features (C, E) of the current classes; `length` overrides the trimming."""
+        """Unnormalised prompted text features (C, E) of the current classes; `length` overrides an exact trimming."""
         tokens = self.prompts.tokens
         if length is None:
-            length = self.text.needed_length(tokens, min_length=1 + 2 * self.n_ctx)
-        return self.text(self._splice(), tokens, self._text_hook, length)
+            length = self.text.needed_length(tokens, min_length=self.prompts.start + 2 * self.n_ctx)
+        return self.text(self.prompts.with_context(self.ctx), tokens, self._text_hook, length)
 
     def compute_text_features(self) -> torch.Tensor:
         prompted = F.normalize(self.encode_text_prompted(), dim=-1)
         return F.normalize(prompted + self.template_features.to(prompted.dtype), dim=-1)
 
     # ----- image -----------------------------------------------------------------------------------------------------
-    def _patch_embeds(self, images: torch.Tensor) -> torch.Tensor:
-        """open_clip's VisionTransformer._embeds without ln_pre: (B, 1 + grid², D)."""
-        visual = self.visual
-        x = visual.conv1(images.to(visual.conv1.weight.dtype))
-        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
-        cls = visual.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
-        x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
-        return visual.patch_dropout(x)
+    def _visual_hook(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """Before a fusion block: the prompts become their fusion with the image's own top-n_ctx_v tokens."""
+        slot = self._visual_slot.get(index)
+        if slot is None:
+            return x
+        n = self.config.n_ctx_v
+        reps = select_tokens(x[:, :-n], n)  # candidates: every image token, class/register tokens included
+        return torch.cat([x[:, :-n], self.visual_fusion[slot](x[:, -n:], reps)], dim=1)
 
-    def encode_image_prompted(self, images: torch.Tensor, prompts: bool = True) -> torch.Tensor:
-        """Unnormalised image features (B, E) with the visual prompts and fusion; prompts=False is plain CLIP."""
-        visual = self.visual
-        x = self._patch_embeds(images)
-        n = self.config.n_ctx_v if prompts else 0
-        if n:
-            x = torch.cat([x, self.ctx_v.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)], dim=1)
-        x = visual.ln_pre(x)
-        transformer = visual.transformer
-        batch_first = getattr(transformer, "batch_first", True)
-        checkpointed = bool(n) and self.checkpointing_active()
+    def encode_image_prompted(self, images: torch.Tensor, prompts: bool = True,
+                              attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Unnormalised image features (B, E) with the visual prompts and fusion; prompts=False is the frozen tower.
 
-        def segment(x: torch.Tensor, index: int, block: nn.Module) -> torch.Tensor:
-            slot = self._visual_slot.get(index) if n else None
-            if slot is not None:
-                reps = select_tokens(x[:, :-n], n)
-                x = torch.cat([x[:, :-n], self.visual_fusion[slot](x[:, -n:], reps)], dim=1)
-            if batch_first:
-                return block(x, attn_mask=None)
-            return block(x.transpose(0, 1), attn_mask=None).transpose(0, 1)
-
-        for index, block in enumerate(transformer.resblocks):
-            x = run_block(checkpointed, segment, x, index, block)
-        if n:
-            x = x[:, :-n]
-        pooled, _ = visual._pool(x)
-        return pooled @ visual.proj if visual.proj is not None else pooled
+        attn_mask: optional additive mask over image + prompt tokens (see `PromptableImageTower.forward`).
+        """
+        if not prompts:
+            return self.image_tower(images, attn_mask=attn_mask)
+        return self.image_tower(images, self.ctx_v, self._visual_hook, self.checkpointing_active(), attn_mask)
 
     def image_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(ensembled prompted features, frozen features), both normalised (B, E)."""
@@ -291,7 +278,7 @@ class SEP(ClipPromptMethod):
     # ----- forward and training --------------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         image, _ = self.image_features(images)
-        return self.logit_scale * image @ self.text_features().t().to(image.dtype)
+        return self.logits(image, self.text_features())
 
     def _prototype_logits(self, features: torch.Tensor) -> torch.Tensor:
         weights = F.normalize(self.prototypes, dim=-1)
@@ -301,7 +288,7 @@ class SEP(ClipPromptMethod):
         config = self.config
         text = self.text_features()
         image, frozen = self.image_features(images)
-        logits = self.logit_scale * image @ text.t().to(image.dtype)
+        logits = self.logits(image, text)
         loss = F.cross_entropy(logits.float(), labels)
         text_cos = (text.float() * self.template_features.float()).sum(-1).mean()
         image_cos = (image.float() * frozen.float()).sum(-1).mean()

@@ -33,6 +33,7 @@ from timm.models.eva import Eva
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from promptune.errors import MethodError
+from promptune.methods.rotary import with_identity_rotations
 
 REDUCTION_POOLS = ("token", "avg", "max", "avgmax")  # computed from the tokens, valid on any backbone
 ATTENTION_POOLS = ("map", "prr")  # the backbone's own learned attention pool, valid only where it has one
@@ -122,7 +123,7 @@ class TimmEva(TimmViT):
     def embed(self, patches: torch.Tensor, prompts: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         x, rope = self.model._pos_embed(patches)  # patch dropout (training only) is inside, as in timm
         if rope is not None and prompts:
-            rope = identity_rotations_first(rope, prompts)
+            rope = with_identity_rotations(rope, prompts, first=True)
         return self.model.norm_pre(x), rope
 
     def run_block(self, index: int, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
@@ -131,19 +132,6 @@ class TimmEva(TimmViT):
 
     def skips_span(self, index: int) -> bool:
         return False
-
-
-def identity_rotations_first(rope: torch.Tensor, count: int) -> torch.Tensor:
-    """(..., N, 2d) concatenated [sin | cos] rotations -> (..., count + N, 2d) with `count` identity rows first.
-
-    timm's rotary attention rotates every token after the prefix: `x * cos + rotate(x) * sin`. A row of sin 0 and cos 1
-    returns x unchanged, exactly, so the prompts right after the prefix are not rotated and the patches after them
-    keep their own rotations.
-    """
-    half = rope.shape[-1] // 2
-    shape = (*rope.shape[:-2], count, half)
-    identity = torch.cat([rope.new_zeros(shape), rope.new_ones(shape)], -1)
-    return torch.cat([identity, rope], -2)
 
 
 LAYOUTS: tuple[type[TimmViT], ...] = (TimmViT, TimmEva)
