@@ -19,6 +19,7 @@ from promptune.data import (
     Preprocess,
     build_transform,
     check_distinct_class_names,
+    default_workers,
     images_in,
     load_eval_data,
     make_loader,
@@ -192,6 +193,26 @@ def _resolve_weights(stored: dict[str, Any], weights: str | None) -> str | None:
     )
 
 
+@dataclass
+class Scored:
+    """What `TunedModel` computed over a list of images: the decoded ones' indices and outputs (rows in the same
+    order), and the (index, reason) of those that could not be decoded."""
+
+    indices: list[int]
+    outputs: dict[str, torch.Tensor]
+    failed: list[tuple[int, str]]
+
+    @classmethod
+    def merge(cls, shares: list[Scored]) -> Scored:
+        """The shares of all processes as one, in index order."""
+        indices = [index for share in shares for index in share.indices]
+        order = torch.tensor(indices, dtype=torch.long).argsort()
+        outputs = {name: torch.cat([share.outputs[name] for share in shares if share.indices])[order]
+                   for name in next((share.outputs for share in shares if share.indices), {})}
+        failed = sorted(entry for share in shares for entry in share.failed)
+        return cls(sorted(indices), outputs, failed)
+
+
 class TunedModel:
     """A prompt file loaded onto its backbone, ready to classify."""
 
@@ -261,8 +282,35 @@ class TunedModel:
             return self.method(images.to(self.runtime.device)).float()
 
     def _loader(self, items: list[ImageItem], batch_size: int, workers: int | None):
-        pin = self.runtime.device.type == "cuda"
-        return make_loader(ImageDataset(items, self.transform), batch_size, shuffle=False, workers=workers, pin_memory=pin)
+        """This process's share of `items`: whole batches, every world-th one (all of them in a plain run)."""
+        runtime = self.runtime
+        return make_loader(ImageDataset(items, self.transform), batch_size, shuffle=False,
+                           workers=default_workers(runtime.local_world_size) if workers is None else workers,
+                           pin_memory=runtime.device.type == "cuda", rank=runtime.rank, world=runtime.world_size)
+
+    def _over_images(self, items: list[ImageItem], batch_size: int, workers: int | None,
+                     score: Callable[[Batch], dict[str, torch.Tensor]]) -> Scored:
+        """`score(batch)` over this process's batches of `items`, then every process's results in item order.
+
+        Each process scores the very batches a single process would score, so the gathered outputs equal one
+        process's, row for row.
+        """
+        loader = self._loader(items, batch_size, workers)
+        total = sum(len(indices) for indices in loader.batch_sampler)  # the images this process reads
+        indices: list[int] = []
+        outputs: dict[str, list[torch.Tensor]] = {}
+        failed: list[tuple[int, str]] = []
+        for batch in loader:
+            if self.on_progress is not None:
+                self.on_progress(int(batch.labels.numel()) + len(batch.failed), total)
+            failed += batch.failed
+            if batch.labels.numel() == 0:
+                continue
+            indices += batch.indices.tolist()
+            for name, value in score(batch).items():
+                outputs.setdefault(name, []).append(value.cpu())
+        share = Scored(indices, {name: torch.cat(values) for name, values in outputs.items()}, failed)
+        return Scored.merge(self.runtime.gather(share))
 
     def predict(self, paths: Sequence[str], top_k: int = 5, classes: Sequence[str] | None = None, batch_size: int = 32,
                 workers: int | None = None) -> tuple[list[Prediction], list[str]]:
@@ -272,21 +320,20 @@ class TunedModel:
         found, missing = images_in(paths)
         problems = [f"{m}: no such file or image." for m in missing]
         items = [ImageItem(path, 0) for path in found]
-        predictions: list[Prediction] = []
-        if items:
-            k = min(top_k, len(names))
-            self.method.eval()
-            for batch in self._loader(items, batch_size, workers):
-                self._advance(batch, len(items))
-                for i, reason in batch.failed:
-                    problems.append(f"{items[i].path}: unreadable image ({reason}).")
-                if batch.labels.numel() == 0:
-                    continue
-                probs = self.logits(batch.images).softmax(dim=-1)
-                top = probs.topk(k, dim=-1)
-                for row, index in enumerate(batch.indices.tolist()):
-                    predictions.append(Prediction(str(items[index].path), [names[j] for j in top.indices[row].tolist()],
-                                                  top.values[row].tolist()))
+        if not items:
+            return [], problems
+        k = min(top_k, len(names))
+        self.method.eval()
+
+        def score(batch: Batch) -> dict[str, torch.Tensor]:
+            top = self.logits(batch.images).softmax(dim=-1).topk(k, dim=-1)
+            return {"probabilities": top.values, "labels": top.indices}
+
+        scored = self._over_images(items, batch_size, workers, score)
+        problems += [f"{items[i].path}: unreadable image ({reason})." for i, reason in scored.failed]
+        rows = zip(scored.indices, scored.outputs.get("labels", []), scored.outputs.get("probabilities", []))
+        predictions = [Prediction(str(items[index].path), [names[j] for j in labels.tolist()], values.tolist())
+                       for index, labels, values in rows]
         return predictions, problems
 
     def evaluate(self, data_dir: str | Path | EvalData, batch_size: int = 64, zero_shot: bool = True,
@@ -298,22 +345,20 @@ class TunedModel:
         names, labels_map = self._eval_classes(data.class_names)
         self.method.eval()
         baseline = self._zero_shot(names) if zero_shot and self.backbone.family == "clip" else None
-        all_logits, all_zs, all_labels, all_index = [], [], [], []
-        skip_reasons: dict[str, str] = {}
-        for batch in self._loader(data.items, batch_size, workers):
-            self._advance(batch, len(data.items))
-            skip_reasons.update((str(data.items[i].path), reason) for i, reason in batch.failed)
-            if batch.labels.numel() == 0:
-                continue
-            all_logits.append(self.logits(batch.images).cpu())
+
+        def score(batch: Batch) -> dict[str, torch.Tensor]:
+            outputs = {"logits": self.logits(batch.images),
+                       "labels": torch.tensor([labels_map[int(label)] for label in batch.labels])}
             if baseline is not None:
                 with self.runtime.autocast():
-                    all_zs.append(baseline(batch.images.to(self.runtime.device)).float().cpu())
-            all_labels.append(torch.tensor([labels_map[int(l)] for l in batch.labels]))
-            all_index += batch.indices.tolist()
-        if not all_labels:
+                    outputs["zero_shot"] = baseline(batch.images.to(self.runtime.device)).float()
+            return outputs
+
+        scored = self._over_images(data.items, batch_size, workers, score)
+        skip_reasons = {str(data.items[i].path): reason for i, reason in scored.failed}
+        if not scored.indices:
             raise DataError(f"No readable images to evaluate in '{data.root}'.")
-        logits, labels = torch.cat(all_logits), torch.cat(all_labels)
+        logits, labels = scored.outputs["logits"], scored.outputs["labels"]
         predicted = logits.argmax(dim=1)
         confusion = confusion_matrix(predicted, labels, len(names))
         report = EvalReport(
@@ -321,10 +366,10 @@ class TunedModel:
             top5=top5_accuracy(logits, labels), per_class=per_class_accuracy(confusion, names),
             confusion=confusion.tolist(), skipped=list(skip_reasons), skip_reasons=skip_reasons,
             misclassified=[{"path": str(data.items[i].path), "true": names[int(t)], "predicted": names[int(p)]}
-                           for i, t, p in zip(all_index, labels, predicted) if t != p],
+                           for i, t, p in zip(scored.indices, labels, predicted) if t != p],
             split=data.split, new_classes=self._new_classes(data.class_names),
         )
-        zs_logits = torch.cat(all_zs) if all_zs else None
+        zs_logits = scored.outputs.get("zero_shot")
         if zs_logits is not None:
             report.zero_shot_top1 = topk_accuracy(zs_logits, labels, 1)
             report.zero_shot_balanced_accuracy = balanced_accuracy(
@@ -336,10 +381,6 @@ class TunedModel:
             if zs_logits is not None:
                 report.zero_shot_base_new = BaseNew.compute(zs_logits, labels, base, new)
         return report
-
-    def _advance(self, batch: Batch, total: int) -> None:
-        if self.on_progress is not None:
-            self.on_progress(int(batch.labels.numel()) + len(batch.failed), total)
 
     def _eval_classes(self, folder_classes: list[str]) -> tuple[list[str], dict[int, int]]:
         """Class list to classify into, and folder label -> column."""

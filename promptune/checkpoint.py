@@ -84,6 +84,7 @@ class CheckpointPolicy:
     def load_for(self, run: dict[str, Any], tensor_names: set[str]) -> Checkpoint:
         """The checkpoint to continue, after checking it belongs to `run` and holds the tensors `tensor_names`."""
         saved = load_checkpoint(self.folder)
+        saved.run.setdefault("processes", 1)  # checkpoints of promptune 0.1.0 (one process) do not say
         differences = run_differences(saved.run, run)
         if differences:
             raise CheckpointError(
@@ -196,6 +197,7 @@ _LABELS = {
     "val_files": "the validation images",
     "shots": "--shots",
     "base_classes": "--base-classes",
+    "processes": "the number of processes",
 }
 
 

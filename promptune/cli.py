@@ -14,6 +14,7 @@ import typer
 from promptune import DISTRIBUTION, __version__
 from promptune.backbones import FAMILIES
 from promptune.errors import PromptuneError
+from promptune.launch import launched_by_gpus, place, run_local
 from promptune.methods.registry import METHODS, default_summary
 from promptune.reporting import SilentReporter
 from promptune.stop import RunInterrupted
@@ -34,8 +35,19 @@ BACKBONE_HELP = ("open_clip model name or config JSON (CLIP), or timm ViT name. 
 DEVICE_HELP = "auto (cuda, else mps, else cpu), cuda, mps or cpu."
 
 
+def _speaks() -> bool:
+    """Of several processes (torchrun, --gpus), rank 0 alone prints; the others compute the same and stay silent."""
+    return place().is_primary
+
+
+def _silence_followers() -> None:
+    if not _speaks():
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the rest of this process
+
+
 def _warn(message: str) -> None:
-    typer.echo(message, err=True)
+    if _speaks():
+        typer.echo(message, err=True)
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
@@ -45,6 +57,8 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
 
 def _resume_hint() -> str:
     argv = [arg for arg in sys.argv[1:] if arg != "--resume"]
+    if place().world_size > 1 and not launched_by_gpus():
+        return f"torchrun (the same options) -m {shlex.join(['promptune', *argv, '--resume'])}"
     return shlex.join(["promptune", *argv, "--resume"])
 
 
@@ -64,7 +78,7 @@ def _guarded(action: Callable[[], Any]) -> Any:
 
 
 def _show_progress(quiet: bool) -> bool:
-    return not quiet and sys.stderr.isatty()
+    return not quiet and sys.stderr.isatty() and _speaks()
 
 
 def _version(value: bool) -> None:
@@ -196,7 +210,7 @@ def tune(
     weights: Annotated[Optional[str], typer.Option(help="Pretrained tag (e.g. openai, laion2b_s34b_b88k) or a local weights file (.safetensors/.bin/.pt/.pth).", show_default=False)] = None,
     shots: Annotated[Optional[int], typer.Option(help=f"Training images per class (k-shot). Default: {default_summary('shots')}.", show_default=False)] = None,
     epochs: Annotated[Optional[int], typer.Option(help=f"Training epochs. Default: {default_summary('epochs')}.", show_default=False)] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help=f"Images per step. Default: {default_summary('batch_size')}.", show_default=False)] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help=f"Images per step and process. Default: {default_summary('batch_size')}.", show_default=False)] = None,
     lr: Annotated[Optional[float], typer.Option(help=f"Peak learning rate. Default: {default_summary('lr')}.", show_default=False)] = None,
     weight_decay: Annotated[Optional[float], typer.Option(help="Weight decay. Default: the method's.", show_default=False)] = None,
     seed: Annotated[int, typer.Option(help="Seed for sampling, initialisation and order.")] = 0,
@@ -205,6 +219,7 @@ def tune(
     device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
     precision: Annotated[str, typer.Option(help="auto (bf16/fp16 autocast on CUDA, fp32 elsewhere), fp32, bf16 or fp16.")] = "auto",
     workers: Annotated[Optional[int], typer.Option(help="Data-loading worker processes. Default: from the CPU count.", show_default=False)] = None,
+    gpus: Annotated[Optional[int], typer.Option(help="Train in this many processes on this machine, one per GPU (with --device cpu: CPU processes), started through PyTorch's launcher; --batch-size is per process.", show_default=False)] = None,
     n_ctx: Annotated[Optional[int], typer.Option(help="[sep, coop] Learned text context tokens (sep 6, coop 16).", show_default=False)] = None,
     ctx_init: Annotated[Optional[str], typer.Option(help="[coop] Initialise the context from a phrase, e.g. 'a photo of a'.", show_default=False)] = None,
     n_ctx_v: Annotated[Optional[int], typer.Option(help="[sep] Learned visual prompt tokens (4).", show_default=False)] = None,
@@ -228,22 +243,26 @@ def tune(
     A checkpoint is saved after every epoch; Ctrl-C or SIGTERM saves one mid-epoch and exits (130 / 143), and
     the same command with --resume continues to the same result as an uninterrupted run.
     """
-    from promptune.api import tune as run_tune
+    from promptune.run import TuneOptions, TuneRun
 
+    _silence_followers()
     templates = (template[0] if len(template) == 1 else template) if template else None  # one stays a plain string
-    options = dict(n_ctx=n_ctx, ctx_init=ctx_init, n_ctx_v=n_ctx_v, template=templates, depth=depth,
-                   prompts_per_layer=prompts_per_layer, init=init, init_images=init_images, pool_window=pool_window,
-                   pool=pool)
+    method_options = dict(n_ctx=n_ctx, ctx_init=ctx_init, n_ctx_v=n_ctx_v, template=templates, depth=depth,
+                          prompts_per_layer=prompts_per_layer, init=init, init_images=init_images,
+                          pool_window=pool_window, pool=pool)
+    run_options = TuneOptions(
+        data_dir, method=method, backbone=backbone, weights=weights, shots=shots, seed=seed, epochs=epochs,
+        batch_size=batch_size, lr=lr, weight_decay=weight_decay, base_classes=_guarded(lambda: _parse_base_classes(base_classes)),
+        device=device, precision=precision, workers=workers, out=out, checkpoint=not no_checkpoint,
+        checkpoint_dir=checkpoint_dir, resume=resume, grad_checkpointing=grad_checkpointing, compile_step=compile_step,
+        method_options={k: v for k, v in method_options.items() if v is not None},
+    )
+    if gpus is not None and not launched_by_gpus():
+        _start_processes(gpus, run_options)
     reporter = ProgressReporter() if _show_progress(quiet) else (LineReporter() if not quiet and not json_output else None)
     log = (lambda m: None) if quiet else _warn
     try:
-        result = _guarded(lambda: run_tune(
-            data_dir, method=method, backbone=backbone, weights=weights, shots=shots, seed=seed, epochs=epochs,
-            batch_size=batch_size, lr=lr, weight_decay=weight_decay, base_classes=_guarded(lambda: _parse_base_classes(base_classes)),
-            device=device, precision=precision, workers=workers, out=out, checkpoint=not no_checkpoint,
-            checkpoint_dir=checkpoint_dir, resume=resume, grad_checkpointing=grad_checkpointing, compile_step=compile_step,
-            options=options, reporter=reporter, log=log,
-        ))
+        result = _guarded(lambda: TuneRun(run_options, reporter, log).run())
     finally:
         if reporter is not None:
             reporter.close()
@@ -254,11 +273,14 @@ def tune(
             "prompt_file": str(result.path), "method": result.method, "backbone": result.backbone,
             "classes": result.class_names, "train_per_class": result.train_per_class, "val_images": result.val_images,
             "skipped_files": len(result.skipped) + summary.skipped_images, "device": result.device,
-            "cpu_threads": result.cpu_threads, **summary.to_dict(),
+            "processes": result.processes, "cpu_threads": result.cpu_threads, **summary.to_dict(),
         }))
         return
     counts = ", ".join(f"{name} {n}" for name, n in result.train_per_class.items())
-    typer.echo(f"Trained {result.method} on {result.backbone} ({result.device}, {result.cpu_threads} CPU threads) "
+    where = f"{result.device}, {result.cpu_threads} CPU threads"
+    if result.processes > 1:
+        where = f"{result.processes} processes on {result.device}, {result.cpu_threads} CPU threads each"
+    typer.echo(f"Trained {result.method} on {result.backbone} ({where}) "
                f"for {len(summary.epochs)} epochs in {summary.seconds:.1f} s.")
     typer.echo(f"Images per class: {counts}; validation images: {result.val_images}; "
                f"skipped files: {len(result.skipped) + summary.skipped_images}.")
@@ -266,6 +288,19 @@ def tune(
         val = f"{summary.best_val_acc:.1%} (best, epoch {summary.best_epoch})" if summary.best_val_acc is not None else "n/a (no validation images)"
         typer.echo(f"Final train accuracy {final.train_acc:.1%}; validation accuracy {val}.")
     typer.echo(f"Wrote {result.path}")
+
+
+def _start_processes(gpus: int, run_options) -> None:
+    """`tune --gpus N`: check what can be checked here, then run the same command in N processes and exit as they do."""
+    from promptune.run import TuneRun
+    from promptune.runtime import check_processes
+
+    if place().world_size > 1:
+        raise _fail("--gpus starts its own processes; under torchrun leave it out (--nproc_per_node says how many).")
+    _guarded(lambda: check_processes(gpus, run_options.device))
+    if gpus > 1:
+        _guarded(TuneRun(run_options).check)
+        raise typer.Exit(run_local(gpus, sys.argv[1:]))
 
 
 def _load(prompts: Path, backbone: Optional[str], weights: Optional[str], device: str, precision: str):
@@ -300,6 +335,7 @@ def evaluate(
     from promptune.data import SPLIT_LABELS, load_eval_data
     from promptune.options import check_loader_options
 
+    _silence_followers()
     _guarded(lambda: check_loader_options(batch_size, workers))
     if report_dir is not None:
         from promptune.report import prepare_report_dir
@@ -316,9 +352,10 @@ def evaluate(
         from promptune.report import write_report
 
         header = {"prompt_file": str(prompts), "description": model.describe(evaluating=data)}
-        written = _guarded(lambda: write_report(report, report_dir, header))
-        if not quiet:
-            _warn(f"report written to {report_dir}/ ({', '.join(p.name for p in written)})")
+        if _speaks():  # every process has the whole report; one writes it
+            written = _guarded(lambda: write_report(report, report_dir, header))
+            if not quiet:
+                _warn(f"report written to {report_dir}/ ({', '.join(p.name for p in written)})")
     if json_output:
         typer.echo(json.dumps(report.to_dict()))
         return
@@ -377,6 +414,7 @@ def predict(
     """Top-k classes for each image. CLIP prompt files also accept class names never trained (--classes)."""
     from promptune.options import check_predict_options
 
+    _silence_followers()
     if json_output and csv_output:
         raise _fail("give either --json or --csv, not both.")
     _guarded(lambda: check_predict_options(top_k, batch_size, workers))

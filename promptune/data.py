@@ -599,7 +599,7 @@ class ImageDataset(Dataset):
         return len(self.items)
 
     def __getitem__(self, key: int | tuple[int, int]) -> Sample:
-        """`key` is an index, or (index, seed) from `SeededOrder`: the random augmentation then depends on that seed
+        """`key` is an index, or (index, seed) from `SeededBatches`: the random augmentation then depends on that seed
         alone, not on which worker process decodes the image or what it decoded before."""
         index, sample_seed = key if isinstance(key, tuple) else (key, None)
         item = self.items[index]
@@ -621,33 +621,66 @@ def derive_seed(*parts: int | str) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-class SeededOrder(Sampler[tuple[int, int]]):
-    """Shuffled (index, augmentation seed) pairs that are a pure function of (seed, epoch).
+class SeededBatches(Sampler[list[tuple[int, int]]]):
+    """One epoch's batches of (index, augmentation seed) pairs: a pure function of (seed, epoch), and with several
+    processes of (seed, epoch, rank, world).
 
-    Nothing about the order or the augmentation lives in a random stream, so a run can stop after any step and resume
-    at the same place (`set_epoch(epoch, start)`), and the result does not depend on the number of loader workers.
+    Each (seed, epoch) gives one shuffled order of the dataset and one augmentation seed per position. Step k covers
+    the positions [k·B·W, (k+1)·B·W) of that order (B = batch_size per process, W = world), and rank r takes the
+    positions r, r + W, r + 2W, ... of them. So every rank runs the same number of steps (a last batch may be smaller,
+    even empty), the ranks' batches of a step together are exactly the batch of one process with batch size B·W, and
+    nothing lives in a random stream: a run can stop after any step and resume there (`set_epoch(epoch, step)`)
+    whatever the number of loader workers.
     """
 
-    def __init__(self, size: int, seed: int, shuffle: bool = True) -> None:
+    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> None:
         self.size = size
+        self.batch_size = batch_size
         self.seed = seed
-        self.shuffle = shuffle
+        self.rank = rank
+        self.world = world
         self.epoch = 0
-        self.start = 0  # position in the epoch's order to start from
+        self.start = 0  # the step to start from
+
+    @property
+    def steps(self) -> int:
+        """Steps in a whole epoch."""
+        return math.ceil(self.size / (self.batch_size * self.world))
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch = epoch
         self.start = start
 
     def __len__(self) -> int:
-        return max(0, self.size - self.start)
+        return max(0, self.steps - self.start)
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         generator = torch.Generator().manual_seed(derive_seed("order", self.seed, self.epoch))
-        order = torch.randperm(self.size, generator=generator) if self.shuffle else torch.arange(self.size)
-        seeds = torch.randint(0, 2**62, (self.size,), generator=generator)
-        for position in range(self.start, self.size):
-            yield int(order[position]), int(seeds[position])
+        order = torch.randperm(self.size, generator=generator).tolist()
+        seeds = torch.randint(0, 2**62, (self.size,), generator=generator).tolist()
+        span = self.batch_size * self.world
+        for step in range(self.start, self.steps):
+            positions = range(step * span + self.rank, min((step + 1) * span, self.size), self.world)
+            yield [(order[position], seeds[position]) for position in positions]
+
+
+class ShardedBatches(Sampler[list[int]]):
+    """Batches of B consecutive indices, every W-th of them for rank r (batches r, r + W, ...): each rank sees exactly
+    the batches one process would, so its outputs are the same, and gathering them in index order gives one
+    process's result. Ranks may get one batch more or less than others (nothing is padded or counted twice)."""
+
+    def __init__(self, size: int, batch_size: int, rank: int, world: int) -> None:
+        self.size = size
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world = world
+
+    def __len__(self) -> int:
+        return len(range(self.rank, math.ceil(self.size / self.batch_size), self.world))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in range(self.rank, math.ceil(self.size / self.batch_size), self.world):
+            yield list(range(batch * self.batch_size, min((batch + 1) * self.batch_size, self.size)))
 
 
 @dataclass
@@ -677,13 +710,14 @@ def collate_skipping(samples: Sequence[Sample]) -> Batch:
     )
 
 
-def default_workers() -> int:
-    """Loader processes: one per available CPU core minus the main process, at most 8."""
+def default_workers(processes: int = 1) -> int:
+    """Loader processes: this process's share of the available CPU cores (shared by `processes` on the machine) minus
+    itself, at most 8."""
     if hasattr(os, "sched_getaffinity"):
         cores = len(os.sched_getaffinity(0))  # respects CPU pinning / container limits, unlike os.cpu_count()
     else:
         cores = os.cpu_count() or 1
-    return max(0, min(8, cores - 1))
+    return max(0, min(8, cores // processes - 1))
 
 
 def make_loader(
@@ -693,18 +727,27 @@ def make_loader(
     seed: int = 0,
     workers: int | None = None,
     pin_memory: bool = False,
-    drop_last: bool = False,
+    rank: int = 0,
+    world: int = 1,
 ) -> DataLoader:
-    """Batches of `Batch`. With `shuffle`, the order and augmentation come from a `SeededOrder` (see `set_epoch`)."""
+    """Batches of `Batch`, `batch_size` images each (per process).
+
+    With `shuffle`, the order and augmentation come from `SeededBatches` (see `set_epoch`), split over the `world`
+    processes step by step. Without, the images come in order; with several processes, split by whole batches
+    (`ShardedBatches`).
+    """
     workers = default_workers() if workers is None else workers
+    if shuffle:
+        batches: Sampler | None = SeededBatches(len(dataset), batch_size, seed, rank, world)
+    else:
+        batches = ShardedBatches(len(dataset), batch_size, rank, world) if world > 1 else None
     return DataLoader(
         dataset,
-        batch_size=batch_size,
-        sampler=SeededOrder(len(dataset), seed) if shuffle else None,
+        batch_size=batch_size if batches is None else 1,
+        batch_sampler=batches,
         num_workers=workers,
         persistent_workers=workers > 0,
         pin_memory=pin_memory,
-        drop_last=drop_last,
         collate_fn=collate_skipping,
         worker_init_fn=_ignore_stop_signals if workers > 0 else None,
     )

@@ -1,7 +1,12 @@
 """One `tune` run, in stages: check -> build (data, backbone, method, loaders) -> prepare -> fit -> save.
 
 `TuneRun.run` reads top to bottom as those stages. Everything that can be refused without reading an image (option
-values, --out, the checkpoint folder, --device) is checked before the first image is scanned.
+values, --device, --out, the checkpoint folder) is checked before the first image is scanned.
+
+With several processes (torchrun, or `tune --gpus N`) every process runs the same stages on its own device. Rank 0
+alone scans the images, reads the checkpoint, writes checkpoints and the prompt file and talks to the user; the other
+processes get what it found and wait for what it writes. --batch-size is per process: a step trains on
+batch size x processes images, split so that the ranks' batches together are one process's batch of that size.
 """
 
 from __future__ import annotations
@@ -20,7 +25,15 @@ from promptune import __version__
 from promptune.artifact import PromptFile, save_prompt_file
 from promptune.backbones import Backbone, load_backbone
 from promptune.checkpoint import Checkpoint, CheckpointPolicy, file_fingerprint
-from promptune.data import ImageDataset, SkippedFile, TrainingData, build_transform, load_training_data, make_loader
+from promptune.data import (
+    ImageDataset,
+    SkippedFile,
+    TrainingData,
+    build_transform,
+    default_workers,
+    load_training_data,
+    make_loader,
+)
 from promptune.errors import PromptuneError
 from promptune.metrics import rounded
 from promptune.methods.base import PromptMethod, overlong_note
@@ -66,13 +79,16 @@ class TuneOptions:
     method_options: dict[str, Any] = field(default_factory=dict)  # the method's own options (--n-ctx, --depth, ...)
 
     def check(self) -> None:
-        """The option values and --out, before anything is loaded."""
+        """The option values, before anything is loaded."""
         check_number("--shots", self.shots)
         check_number("--epochs", self.epochs, 1, 100_000)
         check_loader_options(self.batch_size, self.workers)
         check_number("--lr", self.lr, 1e-12, 100.0)
         check_number("--weight-decay", self.weight_decay, 0.0, 100.0)
         check_number("--seed", self.seed, 0, 2**64 - 1)  # torch seeds are unsigned 64-bit
+
+    def check_out(self) -> None:
+        """--out names a file in a folder that exists."""
         if self.out.exists() and self.out.is_dir():
             raise PromptuneError(f"--out '{self.out}' is a folder; give a file name such as prompts.safetensors.")
         parent = self.out.parent if str(self.out.parent) else Path(".")
@@ -92,6 +108,7 @@ class TuneResult:
     summary: TrainSummary
     device: str
     cpu_threads: int
+    processes: int = 1  # processes that trained together (each on its own device, with --batch-size images a step)
 
     def __repr__(self) -> str:
         """Counts and final figures only: never every epoch, class or skipped file."""
@@ -124,27 +141,41 @@ class TuneRun:
         self.log = log
         self.policy = CheckpointPolicy.for_run(options.out, options.checkpoint_dir, options.checkpoint, options.resume)
 
+    def check(self) -> None:
+        """What can be refused before anything is loaded: the option values, --out and the checkpoint folder."""
+        self.options.check()
+        self.check_files()
+
+    def check_files(self) -> None:
+        self.options.check_out()
+        self.policy.check()
+
     def run(self) -> TuneResult:
+        self.setup()
+        with StopSignals(enabled=self.options.handle_signals) as self.stop:
+            built = self.build()
+            saved = self.resume_from(built) if self.options.resume else None
+            if saved is None:
+                self.prepare(built)
+            with self.stop.deferred():
+                summary = self.fit(built, saved)
+                path = self.save(built, summary)
+        return self._result(built, path, summary)
+
+    def setup(self) -> None:
+        """The checks, this process's runtime (joining the other processes, if any), the method and its settings."""
         options = self.options
         options.check()
-        self.policy.check()
         self.runtime = Runtime.create(options.device, options.precision)
+        self.runtime.on_primary(self.check_files)  # rank 0 writes every file: its file system decides
+        if not self.runtime.is_primary:
+            self.reporter, self.log = None, quiet
         self.spec: MethodSpec = resolve_method(options.method, options.backbone)
         self.method_config = self.spec.load().make_config(options.method_options)
         self.train_config = TrainConfig.from_defaults(
             self.spec.defaults, options.seed, epochs=options.epochs, lr=options.lr, batch_size=options.batch_size,
             weight_decay=options.weight_decay,
         )
-        with StopSignals(enabled=options.handle_signals) as self.stop:
-            built = self.build()
-            saved = self.policy.load_for(built.identity, self._tensor_names(built.model)) if options.resume else None
-            if saved is None:
-                self.prepare(built)
-            with self.stop.deferred():
-                summary = self.fit(built, saved)
-                path = self.save(built, summary)
-                self.policy.finish()
-        return self._result(built, path, summary)
 
     @property
     def shots(self) -> int | None:
@@ -154,7 +185,8 @@ class TuneRun:
     def build(self) -> Built:
         """Choose the images, load the backbone, build the method around it (seeded) and the loaders."""
         options, runtime = self.options, self.runtime
-        data = load_training_data(options.data_dir, shots=self.shots, seed=options.seed, base_classes=options.base_classes)
+        data = runtime.on_primary(lambda: load_training_data(options.data_dir, shots=self.shots, seed=options.seed,
+                                                             base_classes=options.base_classes))
         for skipped in data.skipped:
             self.log(f"warning: skipped {skipped.path} ({skipped.reason})")
         for warning in data.warnings:
@@ -174,6 +206,11 @@ class TuneRun:
             val_loader = self._loader(ImageDataset(data.val, build_transform(backbone.preprocess, train=False)))
         return Built(data, backbone, model, train_loader, val_loader, self.identity(data, backbone, model))
 
+    def resume_from(self, built: Built) -> Checkpoint:
+        """The checkpoint to continue (rank 0 reads it; every process gets it), refused if it is another run's."""
+        names = self._tensor_names(built.model)
+        return self.runtime.on_primary(lambda: self.policy.load_for(built.identity, names))
+
     def prepare(self, built: Built) -> None:
         """The method's data-dependent initialisation (SPT prototypes, SEP class means): one pass, no gradients."""
         model, train, seed = built.model, built.data.train, self.options.seed
@@ -183,37 +220,60 @@ class TuneRun:
         subset = model.prepare_subset(len(train), seed)
         items = train if subset is None else [train[index] for index in subset]
         eval_transform = build_transform(built.backbone.preprocess, train=False)
-        loader = self._loader(ImageDataset(items, eval_transform), shuffle=subset is None)
+        loader = self._loader(ImageDataset(items, eval_transform), shuffle=subset is None, shard=model.prepare_reads_shard)
         self.log(f"initialising {self.spec.name} from {total} training images ...")
         with torch.no_grad(), self.runtime.autocast(), self._prepare_progress(model, total):
-            model.prepare(loader, self.runtime.device, seed)
+            model.prepare(loader, self.runtime, seed)
 
     def fit(self, built: Built, saved: Checkpoint | None) -> TrainSummary:
         """Train (continuing `saved` when resuming); a stop request saves a checkpoint and raises RunInterrupted."""
-        trainer = Trainer(built.model, self.train_config, self.runtime, steps_per_epoch=len(built.train_loader),
+        runtime, batch_size = self.runtime, self.train_config.batch_size
+        trainer = Trainer(built.model, self.train_config, runtime, steps_per_epoch=len(built.train_loader),
                           compile_step=self.options.compile_step)
+        if runtime.distributed:
+            self.log(f"{runtime.world_size} processes x batch {batch_size}: {runtime.world_size * batch_size} images "
+                     f"per step")
         if saved is not None:
             trainer.restore(saved.tensors, saved.trainer)
             self.log(f"resuming from '{self.policy.folder}' at epoch {trainer.epoch + 1}, step {trainer.progress.step}")
 
         def save_state(t: Trainer) -> None:
-            tensors, meta = t.state()
-            stopped_by = signal_name(self.stop.received) if self.stop.requested else None
-            self.policy.save(Checkpoint(run=built.identity, trainer=meta, tensors=tensors, stopped_by=stopped_by))
+            received = self._received_signal()
+
+            def write() -> None:
+                tensors, meta = t.state()
+                self.policy.save(Checkpoint(run=built.identity, trainer=meta, tensors=tensors,
+                                            stopped_by=signal_name(received)))
+
+            runtime.on_primary(write)  # the others wait until it is written
 
         try:
             return trainer.fit(built.train_loader, built.val_loader, self.reporter,
                                checkpoint=save_state if self.policy.enabled else None,
                                should_stop=lambda: self.stop.requested)
         except TrainingStopped as stopped:
-            steps = math.ceil(len(built.data.train) / self.train_config.batch_size)
+            steps = math.ceil(len(built.data.train) / (batch_size * runtime.world_size))
             where = f"before epoch {stopped.epoch}" if stopped.step == 0 else \
                 f"at epoch {stopped.epoch}, step {stopped.step} of {steps}"
             folder = self.policy.folder if self.policy.enabled else None
-            raise RunInterrupted(self.stop.received or 0, folder, where) from None
+            raise RunInterrupted(self._received_signal() or 0, folder, where) from None
+
+    def _received_signal(self) -> int | None:
+        """The stop signal a process received (every process stops when any one does, at the same step)."""
+        return next((signum for signum in self.runtime.gather(self.stop.received) if signum), None)
 
     def save(self, built: Built, summary: TrainSummary) -> Path:
-        """Write the prompt file: the learned tensors plus what a later load needs and how they were trained."""
+        """Rank 0 writes the prompt file (and removes the checkpoint); the others wait for it."""
+
+        def write() -> Path:
+            path = self.write_prompt_file(built, summary)
+            self.policy.finish()
+            return path
+
+        return self.runtime.on_primary(write)
+
+    def write_prompt_file(self, built: Built, summary: TrainSummary) -> Path:
+        """The learned tensors plus what a later load needs and how they were trained."""
         cfg, data, runtime = self.train_config, built.data, self.runtime
         training = {
             **summary.to_dict(),
@@ -229,6 +289,7 @@ class TuneRun:
             "skipped_files": len(data.skipped) + summary.skipped_images,
             "data_dir": self.options.data_dir.name,
             "device": runtime.device.type,
+            "processes": runtime.world_size,
             "precision": runtime.precision,
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
@@ -258,6 +319,7 @@ class TuneRun:
             },
             "shots": options.shots,
             "base_classes": options.base_classes,
+            "processes": self.runtime.world_size,
             "classes": data.class_names,
             "train_files": file_fingerprint(options.data_dir, [item.path for item in data.train]),
             "val_files": file_fingerprint(options.data_dir, [item.path for item in data.val]),
@@ -267,9 +329,13 @@ class TuneRun:
     def _tensor_names(model: PromptMethod) -> set[str]:
         return {f"param.{name}" for name in trainable_parameters(model)}
 
-    def _loader(self, dataset: ImageDataset, shuffle: bool = False) -> DataLoader:
+    def _loader(self, dataset: ImageDataset, shuffle: bool = False, shard: bool = True) -> DataLoader:
+        """This process's loader: its share of the images (all of them when not `shard`)."""
+        runtime, workers = self.runtime, self.options.workers
         return make_loader(dataset, self.train_config.batch_size, shuffle=shuffle, seed=self.options.seed,
-                           workers=self.options.workers, pin_memory=self.runtime.device.type == "cuda")
+                           workers=default_workers(runtime.local_world_size) if workers is None else workers,
+                           pin_memory=runtime.device.type == "cuda", rank=runtime.rank if shard else 0,
+                           world=runtime.world_size if shard else 1)
 
     @contextlib.contextmanager
     def _prepare_progress(self, model: PromptMethod, total: int) -> Iterator[None]:
@@ -292,4 +358,5 @@ class TuneRun:
         for item in data.train:
             per_class[data.class_names[item.label]] += 1
         return TuneResult(path, self.spec.name, built.backbone.name, data.class_names, per_class, len(data.val),
-                          data.skipped, summary, self.runtime.device.type, self.runtime.cpu_threads)
+                          data.skipped, summary, self.runtime.device.type, self.runtime.cpu_threads,
+                          self.runtime.world_size)

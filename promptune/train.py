@@ -20,6 +20,7 @@ from promptune.reporting import Reporter, SilentReporter
 from promptune.runtime import Runtime
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
+DIVERGED = "Training diverged (the loss became NaN or infinite); try a lower --lr."
 
 
 @dataclass
@@ -154,6 +155,7 @@ def accuracy(method: nn.Module, loader: Iterable[Batch], runtime: Runtime) -> fl
             logits = method(images)
         correct += int((logits.argmax(-1) == labels).sum())
         total += labels.numel()
+    correct, total = runtime.all_sum([correct, total])  # each process saw its own share of the images
     return correct / total if total else None
 
 
@@ -166,6 +168,9 @@ class TrainStep(nn.Module):
         self.method = method
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if images.shape[0] == 0:  # other processes have images this step: take part in DDP's average with zeros
+            zero = sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
+            return zero, images.new_zeros(0, 1)
         return self.method.training_loss(images, labels)
 
 
@@ -214,7 +219,8 @@ class Trainer:
                  compile_step: bool = False) -> None:
         self.method = method
         self.step = TrainStep(method)
-        self.forward: nn.Module = torch.compile(self.step) if compile_step else self.step
+        wrapped = runtime.wrap(self.step, find_unused_parameters=method.has_unused_parameters())
+        self.forward: nn.Module = torch.compile(wrapped) if compile_step else wrapped
         self.cfg = cfg
         self.runtime = runtime
         self.optimizer = build_optimizer(method.param_groups(cfg.weight_decay), cfg)
@@ -226,38 +232,52 @@ class Trainer:
         self.epoch = 0  # epochs completed
         self.progress = EpochProgress()  # of epoch `self.epoch + 1`
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor, weight: float = 1.0) -> tuple[float, int]:
+        """One optimiser step on a batch: (its mean loss, its correct predictions).
+
+        `weight` scales this process's loss before backward. DDP averages the gradients of its processes; with
+        weight = (this process's images x processes / images of all processes), that average is the gradient of the
+        mean loss over all the step's images, also when the processes' batches differ in size.
+        """
         with self.runtime.autocast():
             loss, logits = self.forward(images, labels)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        self.scaler.scale(loss if weight == 1.0 else loss * weight).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.schedule.step()
-        if not torch.isfinite(loss):
-            raise MethodError("Training diverged (the loss became NaN or infinite); try a lower --lr.")
         return float(loss.detach()), int((logits.detach().argmax(-1) == labels).sum())
 
     def run_epoch(self, loader: Iterable[Batch], reporter: Reporter, should_stop: Callable[[], bool] = _never) -> bool:
-        """Train over `loader`, adding to `self.progress`; False when `should_stop` cut the epoch short."""
+        """Train over `loader`, adding to `self.progress`; False when `should_stop` cut the epoch short.
+
+        With several processes the step's image counts, loss, accuracy, divergence and stop request are summed over
+        them, so `self.progress` holds the totals of all processes and every process stops at the same step.
+        """
         self.method.train()
-        progress = self.progress
+        runtime, progress = self.runtime, self.progress
         seconds_before = progress.seconds
         start = mark = time.perf_counter()
         for batch in loader:
             progress.wait += time.perf_counter() - mark
-            self.summary.skipped_images += len(batch.failed)
-            if batch.labels.numel():
-                images, labels = _to_device(batch, self.runtime.device)
-                loss, hits = self.train_step(images, labels)
-                progress.loss_sum += loss * labels.numel()
-                progress.correct += hits
-                progress.seen += labels.numel()
+            here = batch.labels.numel()
+            images_total, failed_total = runtime.all_sum([here, len(batch.failed)])
+            self.summary.skipped_images += int(failed_total)
+            if images_total:
+                images, labels = _to_device(batch, runtime.device)
+                loss, hits = self.train_step(images, labels, weight=here * runtime.world_size / images_total)
+                loss_sum, hits, diverged = runtime.all_sum([loss * here, hits, not math.isfinite(loss)])
+                if diverged:
+                    raise MethodError(DIVERGED)
+                progress.loss_sum += loss_sum
+                progress.correct += int(hits)
+                progress.seen += int(images_total)
                 elapsed = seconds_before + time.perf_counter() - start
-                reporter.step(loss, progress.correct / progress.seen, progress.seen / max(elapsed, 1e-9))
+                reporter.step(loss_sum / images_total, progress.correct / progress.seen,
+                              progress.seen / max(elapsed, 1e-9))
             progress.step += 1
             progress.seconds = seconds_before + time.perf_counter() - start
-            if should_stop():
+            if runtime.any(should_stop()):
                 return False
             mark = time.perf_counter()
         progress.seconds = seconds_before + time.perf_counter() - start
@@ -280,9 +300,9 @@ class Trainer:
             epoch_seed = derive_seed("train", self.cfg.seed, epoch)
             random.seed(epoch_seed)
             torch.manual_seed(epoch_seed)
-        sampler = getattr(loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch, self.progress.step * loader.batch_size)
+        batches = getattr(loader, "batch_sampler", None)
+        if hasattr(batches, "set_epoch"):
+            batches.set_epoch(epoch, self.progress.step)
 
     def fit(self, train_loader: Iterable[Batch], val_loader: Iterable[Batch] | None, reporter: Reporter | None = None,
             checkpoint: Callable[["Trainer"], None] | None = None,
@@ -308,7 +328,7 @@ class Trainer:
             reporter.epoch_end(stats)
             if checkpoint is not None:
                 checkpoint(self)
-            if should_stop() and epoch < self.cfg.epochs:
+            if self.runtime.any(should_stop()) and epoch < self.cfg.epochs:
                 self.summary.seconds += time.perf_counter() - started
                 raise TrainingStopped(epoch + 1, 0)
         if self.best_state is not None:
@@ -332,7 +352,9 @@ class Trainer:
                 else:
                     scalars.setdefault(str(index), {})[key] = value
         tensors["rng.torch"] = torch.get_rng_state()
-        if torch.cuda.is_available() and self.runtime.device.type == "cuda":
+        if self.runtime.device.type == "cuda" and self.runtime.distributed:  # rank 0's GPU continues on every rank
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.runtime.device)
+        elif torch.cuda.is_available() and self.runtime.device.type == "cuda":
             for index, rng in enumerate(torch.cuda.get_rng_state_all()):
                 tensors[f"rng.cuda.{index}"] = rng
         schedule = {k: v for k, v in self.schedule.state_dict().items() if k != "lr_lambdas"}
@@ -374,5 +396,7 @@ class Trainer:
         random.setstate((version, tuple(internal), gauss))
         torch.set_rng_state(tensors["rng.torch"])
         cuda_states = [tensors[f"rng.cuda.{i}"] for i in range(len(tensors)) if f"rng.cuda.{i}" in tensors]
-        if cuda_states and self.runtime.device.type == "cuda":
+        if "rng.cuda" in tensors and self.runtime.device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda"], self.runtime.device)
+        elif cuda_states and self.runtime.device.type == "cuda":
             torch.cuda.set_rng_state_all(cuda_states)

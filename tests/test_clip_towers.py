@@ -3,7 +3,7 @@
 Each family is a tiny open_clip config JSON derived from the real config it names (same tower classes, pooling,
 masks, norms, projection; width 32-64, 2 layers, 32-px images), saved with random weights and loaded through
 promptune's normal path (config JSON + local weights file). timm image towers are tiny variants of the real timm
-architectures, registered under `promptune_tiny_*` names. Hugging Face tokenizers (SigLIP, CLIPA, the worldwide
+architectures, registered under `promptune_clip_tiny_*` names. Hugging Face tokenizers (SigLIP, CLIPA, the worldwide
 CLIPs) need the hub, so those families use open_clip's own tokenizer on the same text layout; a start-token-free
 variant of it checks the SigLIP token layout (text, EOS, padding) too.
 """
@@ -45,32 +45,32 @@ def _timm(real: str, **overrides):
 
 
 @register_model
-def promptune_tiny_siglip(pretrained: bool = False, **kwargs):
+def promptune_clip_tiny_siglip(pretrained: bool = False, **kwargs):
     """vit_base_patch16_siglip_224 (SigLIP, SigLIP2): no class token, attention-pool ('map') head."""
     return _timm("vit_base_patch16_siglip_224", **{**TINY_TIMM_VIT, **kwargs})
 
 
 @register_model
-def promptune_tiny_eva02(pretrained: bool = False, **kwargs):
+def promptune_clip_tiny_eva02(pretrained: bool = False, **kwargs):
     """eva02_base_patch16_clip_224 (EVA02-CLIP): Eva, rotary embedding, SwiGLU, class-token pooling."""
     return _timm("eva02_base_patch16_clip_224", **{**TINY_TIMM_VIT, "ref_feat_shape": (4, 4), **kwargs})
 
 
 @register_model
-def promptune_tiny_pe_core(pretrained: bool = False, **kwargs):
+def promptune_clip_tiny_pe_core(pretrained: bool = False, **kwargs):
     """vit_pe_core_base_patch16_224 (PE-Core): Eva with AttentionRope, pre-transformer norm, attention-pool head."""
     shrunk = {**TINY_TIMM_VIT, "ref_feat_shape": (4, 4), "attn_pool_num_heads": 2}
     return _timm("vit_pe_core_base_patch16_224", **{**shrunk, **kwargs})
 
 
 @register_model
-def promptune_tiny_vit_clip(pretrained: bool = False, **kwargs):
+def promptune_clip_tiny_vit_clip(pretrained: bool = False, **kwargs):
     """vit_large_patch14_clip_224 (MobileCLIP2-L-14): timm ViT with class token and pre-norm."""
     return _timm("vit_large_patch14_clip_224", **{**TINY_TIMM_VIT, **kwargs})
 
 
 @register_model
-def promptune_tiny_mobileclip_b(pretrained: bool = False, **kwargs):
+def promptune_clip_tiny_mobileclip_b(pretrained: bool = False, **kwargs):
     """vit_base_mci_224 (MobileCLIP-B): timm hybrid ViT, convolutional stem, no position for the class token."""
     from timm.models.vision_transformer_hybrid import ConvStem, _create_vision_transformer_hybrid
 
@@ -82,7 +82,7 @@ def promptune_tiny_mobileclip_b(pretrained: bool = False, **kwargs):
 
 
 @register_model
-def promptune_tiny_fastvit_mci(pretrained: bool = False, **kwargs):
+def promptune_clip_tiny_fastvit_mci(pretrained: bool = False, **kwargs):
     """fastvit_mci1 (MobileCLIP-S1; S2 and MobileCLIP2-S* are the same kind): a convolutional FastViT."""
     return _timm("fastvit_mci1", **{"layers": (1, 1, 1, 1), "embed_dims": (8, 16, 32, 64), **kwargs})
 
@@ -126,20 +126,20 @@ FAMILIES = [
                                  multimodal_cfg={"context_length": 76, "vocab_size": 49408, "width": 32, "heads": 2,
                                                  "layers": 1, "attn_pooler_heads": 2}, **CUSTOM),
            sep=True, trims=True),
-    Family("ViT-B-16-SigLIP2", clip(timm_tower("promptune_tiny_siglip", "map", "none"),
+    Family("ViT-B-16-SigLIP2", clip(timm_tower("promptune_clip_tiny_siglip", "map", "none"),
                                     {**TEXT, "context_length": 64, "no_causal_mask": True, "proj_bias": True,
                                      "pool_type": "last", "norm_kwargs": {"eps": 1e-6},
                                      "act_kwargs": {"approximate": "tanh"}},
                                     embed_dim=64, init_logit_bias=-10, **CUSTOM),
            sep=True, trims=False),
-    Family("EVA02-B-16", clip(timm_tower("promptune_tiny_eva02", "token", None), TEXT, **CUSTOM), sep=True, trims=True),
-    Family("PE-Core-B-16", clip(timm_tower("promptune_tiny_pe_core", "map", None), {**TEXT, "context_length": 32},
+    Family("EVA02-B-16", clip(timm_tower("promptune_clip_tiny_eva02", "token", None), TEXT, **CUSTOM), sep=True, trims=True),
+    Family("PE-Core-B-16", clip(timm_tower("promptune_clip_tiny_pe_core", "map", None), {**TEXT, "context_length": 32},
                                 **CUSTOM), sep=True, trims=True),
-    Family("MobileCLIP-B", clip(timm_tower("promptune_tiny_mobileclip_b", "token", None),
+    Family("MobileCLIP-B", clip(timm_tower("promptune_clip_tiny_mobileclip_b", "token", None),
                                 {**TEXT, "no_causal_mask": False}, **CUSTOM), sep=True, trims=True),
-    Family("MobileCLIP2-L-14", clip(timm_tower("promptune_tiny_vit_clip", "token", None), UNMASKED, **CUSTOM),
+    Family("MobileCLIP2-L-14", clip(timm_tower("promptune_clip_tiny_vit_clip", "token", None), UNMASKED, **CUSTOM),
            sep=True, trims=False),
-    Family("MobileCLIP-S1", clip(timm_tower("promptune_tiny_fastvit_mci", "avg", None), UNMASKED, **CUSTOM),
+    Family("MobileCLIP-S1", clip(timm_tower("promptune_clip_tiny_fastvit_mci", "avg", None), UNMASKED, **CUSTOM),
            sep=False, trims=False),
     Family("convnext_base", clip(timm_tower("test_convnext", "", "linear"), TEXT), sep=False, trims=True),
     Family("RN50", clip({"image_size": 32, "layers": [1, 1, 1, 1], "width": 16}, TEXT), sep=False, trims=True),

@@ -177,6 +177,7 @@ def test_trainer_compile_option_wraps_the_training_step():
     model = torch.nn.Linear(2, 2)
     model.training_loss = lambda images, labels: (images.sum() * 0, images)
     model.param_groups = lambda decay: [{"params": list(model.parameters()), "weight_decay": decay}]
+    model.has_unused_parameters = lambda: False
     cfg = TrainConfig(epochs=1, lr=0.1, weight_decay=0.0, batch_size=2)
     plain = Trainer(model, cfg, Runtime(torch.device("cpu")), 1)
     assert isinstance(plain.step, TrainStep) and plain.forward is plain.step and plain.step.method is model

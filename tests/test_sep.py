@@ -22,8 +22,10 @@ from promptune.errors import MethodError, PromptFileError
 from promptune.methods import get_method
 from promptune.methods.sep import SEP, select_tokens
 from promptune.methods.zeroshot import ZeroShotCLIP
+from promptune.runtime import Runtime
 
 TRAINED = ["red_square", "green-circle", "blue_triangle"]
+CPU = Runtime(torch.device("cpu"))
 LONG_NAME = " ".join(["spotted"] * 20) + " dog"
 CONTEXT_FILLING_NAME = " ".join(f"word{i}" for i in range(120))
 
@@ -214,7 +216,7 @@ def test_template_is_configurable(backbone):
 def test_optimizer_step_changes_only_the_learned_tensors(backbone, train_set):
     names, images, labels = train_set
     sep = make_sep(backbone, names)
-    sep.prepare(batches(images, labels, 12), torch.device("cpu"), seed=0)
+    sep.prepare(batches(images, labels, 12), CPU, seed=0)
     backbone_before = {k: v.clone() for k, v in backbone.model.state_dict().items()}
     trainable = {name for name, p in sep.named_parameters() if p.requires_grad}
     assert trainable == set(sep.learned_state()) | {"prototypes"}
@@ -254,7 +256,7 @@ def test_learned_state_is_class_independent_and_excludes_the_backbone(backbone):
 def test_prepare_sets_prototypes_to_frozen_class_means(backbone, train_set):
     names, images, labels = train_set
     sep = make_sep(backbone, names)
-    sep.prepare(batches(images, labels, 7), torch.device("cpu"), seed=0)
+    sep.prepare(batches(images, labels, 7), CPU, seed=0)
     with torch.no_grad():
         frozen = sep.frozen_image_features(images)
     for c in range(len(names)):
@@ -392,7 +394,7 @@ def test_training_beats_chance_and_the_untrained_start(backbone, train_set, test
     assert test_names == names
     sep = make_sep(backbone, names)
     start = accuracy(sep, test_images, test_labels)
-    sep.prepare(batches(images, labels, 12), torch.device("cpu"), seed=0)
+    sep.prepare(batches(images, labels, 12), CPU, seed=0)
     optimizer = torch.optim.Adam(sep.param_groups(5e-4), lr=5e-3)
     train_steps(sep, images, labels, optimizer, steps=80)
     final = accuracy(sep, test_images, test_labels)
@@ -408,7 +410,7 @@ def test_grad_checkpointing_gives_the_same_loss_and_gradients(backbone, train_se
     every fusion parameter, the prototypes) still gets the same gradient."""
     names, images, labels = train_set
     sep = make_sep(backbone, names)
-    sep.prepare(batches(images, labels, 12), torch.device("cpu"), seed=0)
+    sep.prepare(batches(images, labels, 12), CPU, seed=0)
     randomize_learned(sep, seed=1)
     blocks = len(backbone.model.visual.transformer.resblocks) + len(backbone.model.transformer.resblocks)
     assert_checkpointing_is_exact(sep, backbone.model, images[::4], labels[::4], checkpoint_calls, blocks)

@@ -21,9 +21,11 @@ from promptune.errors import MethodError, PromptFileError
 from promptune.methods import get_method
 from promptune.methods.spt import SPT, VPT, TokenReservoir, pool_windows, window_index
 from promptune.methods.vit_blocks import supports_span_skipping
+from promptune.runtime import Runtime
 from conftest import PrepareRecorder, assert_checkpointing_is_exact, loss_and_grads, make_shape_folder, make_vit_file, train_steps
 
 CLASSES = ["a", "b", "c"]
+CPU = Runtime(torch.device("cpu"))
 PREPROCESS = Preprocess(size=48, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
 
@@ -174,7 +176,7 @@ def test_more_windows_than_tokens_gives_one_window_per_token():
 def test_random_init_prompts_are_collected_layer_tokens(vit, depth):
     batches = image_batches()
     method = spt(vit, depth=depth, prompts_per_layer=5, init="random")
-    method.prepare(batches, torch.device("cpu"), seed=0)
+    method.prepare(batches, CPU, seed=0)
     layers = prototype_sources(vit.model, batches)
     assert method.prompts.shape == ((6 if depth == "deep" else 1), 5, 64)
     assert method.init_summary["images"] == 12 and method.init_summary["tokens_seen_per_layer"] == 12 * 9
@@ -198,7 +200,7 @@ def test_layer_zero_prototypes_are_patch_embeddings_without_position(depth):
     conv = model.patch_embed.proj
     expected = values.reshape(-1, 1) * conv.weight.sum((1, 2, 3)) + conv.bias  # (18 patches, D), by hand
     method = spt(backbone, depth=depth, prompts_per_layer=8, init="random")
-    method.prepare([images], torch.device("cpu"), seed=0)
+    method.prepare([images], CPU, seed=0)
     prompts = method.prompts[0].detach()
     with torch.no_grad():
         positioned = model.norm_pre(model._pos_embed(model.patch_embed(images)))[:, 1:].reshape(-1, 64)
@@ -211,7 +213,7 @@ def test_layer_zero_prototypes_are_patch_embeddings_without_position(depth):
 def test_pooled_init_prompts_are_pooled_windows(vit, mode):
     batches = image_batches()
     method = spt(vit, prompts_per_layer=6, init=mode, pool_window=4)
-    method.prepare(batches, torch.device("cpu"), seed=1)
+    method.prepare(batches, CPU, seed=1)
     assert method.hparams()["pool_window"] == 4
     for layer, tokens in enumerate(prototype_sources(vit.model, batches)):
         per_image = tokens.reshape(-1, 9, 64)
@@ -231,9 +233,9 @@ def test_kmeans_init_has_lower_within_cluster_error_than_random(vit):
     batches = image_batches(count=4)
     layers = prototype_sources(vit.model, batches)
     centres = spt(vit, prompts_per_layer=6, init="kmeans", kmeans_iters=10)
-    centres.prepare(batches, torch.device("cpu"), seed=0)
+    centres.prepare(batches, CPU, seed=0)
     sampled = spt(vit, prompts_per_layer=6, init="random")
-    sampled.prepare(batches, torch.device("cpu"), seed=0)
+    sampled.prepare(batches, CPU, seed=0)
     for layer, tokens in enumerate(layers):
         assert within_cluster_error(tokens, centres.prompts[layer].detach()) < within_cluster_error(
             tokens, sampled.prompts[layer].detach()
@@ -246,7 +248,7 @@ def test_same_seed_same_init_other_seed_other_init(vit, init):
 
     def prompts(seed: int) -> torch.Tensor:
         method = spt(vit, seed=seed, prompts_per_layer=4, init=init, kmeans_iters=3)
-        method.prepare(batches, torch.device("cpu"), seed=seed)
+        method.prepare(batches, CPU, seed=seed)
         return method.prompts.detach().clone()
 
     first = prompts(3)
@@ -267,17 +269,17 @@ def test_init_images_asks_the_run_for_a_seeded_subset(vit, shape_folder):
     items = [ImageItem(path, label) for label, name in enumerate(sorted(classes)) for path in classes[name]]
     chosen = [items[i] for i in method.prepare_subset(len(items), seed=0)]
     loader = make_loader(ImageDataset(chosen, build_transform(PREPROCESS, train=False)), 8, shuffle=False, workers=0)
-    method.prepare(loader, torch.device("cpu"), seed=0)
+    method.prepare(loader, CPU, seed=0)
     assert method.init_summary["images"] == 5 and method.init_summary["tokens_seen_per_layer"] == 5 * 9
     plain = spt(vit, prompts_per_layer=4, init_images=6)  # any other stream: the first 6 images in stream order
-    plain.prepare(image_batches(), torch.device("cpu"), seed=0)
+    plain.prepare(image_batches(), CPU, seed=0)
     assert plain.init_summary["images"] == 6
 
 
 def test_too_few_tokens_for_the_prompts_is_one_clear_error(vit):
     method = spt(vit, depth="shallow", prompts_per_layer=100)
     with pytest.raises(MethodError, match="at least 100 tokens"):
-        method.prepare(image_batches(count=1, size=2), torch.device("cpu"), seed=0)
+        method.prepare(image_batches(count=1, size=2), CPU, seed=0)
 
 
 def test_vpt_init_matches_the_xavier_bound_and_prepare_keeps_it(vit):
@@ -288,7 +290,7 @@ def test_vpt_init_matches_the_xavier_bound_and_prepare_keeps_it(vit):
     assert values.abs().max() <= bound
     assert float(values.std()) == pytest.approx(bound / math.sqrt(3), rel=0.05)
     before = values.clone()
-    method.prepare(image_batches(), torch.device("cpu"), seed=0)
+    method.prepare(image_batches(), CPU, seed=0)
     assert torch.equal(method.prompts.detach(), before)
     assert method.hparams()["init"] == "xavier"
 
@@ -431,7 +433,7 @@ def test_param_groups_use_the_methods_own_decay(vit):
 
 def test_an_image_alone_gets_the_logits_it_gets_in_a_batch(vit):
     method = spt(vit, prompts_per_layer=5)
-    method.prepare(image_batches(), torch.device("cpu"), seed=0)
+    method.prepare(image_batches(), CPU, seed=0)
     images = image_batches(count=1, size=6, seed=9)[0].images
     with torch.no_grad():
         batched = method(images)
@@ -444,7 +446,7 @@ def test_an_image_alone_gets_the_logits_it_gets_in_a_batch(vit):
 
 def test_prompt_file_round_trip_and_wrong_backbone(vit, tmp_path):
     method = spt(vit, prompts_per_layer=5, init="mean")
-    method.prepare(image_batches(), torch.device("cpu"), seed=0)
+    method.prepare(image_batches(), CPU, seed=0)
     with torch.no_grad():
         method.head.bias.add_(0.25)
     state = method.learned_state()
@@ -537,7 +539,7 @@ def test_short_spt_training_beats_chance_on_held_out_images(vit, tmp_path):
     batches = [
         Batch(train_images[i : i + 12], train_labels[i : i + 12], torch.arange(i, i + 12), []) for i in range(0, 48, 12)
     ]
-    method.prepare(batches, torch.device("cpu"), seed=0)
+    method.prepare(batches, CPU, seed=0)
     optimizer = torch.optim.AdamW(method.param_groups(0.0), lr=1e-2)
     train_steps(method, train_images, train_labels, optimizer, steps=60)
     method.eval()

@@ -25,7 +25,11 @@ from promptune.backbones import Backbone, load_backbone
 from promptune.cli import app
 from promptune.errors import MethodError
 from promptune.methods.spt import SPT, VPT
+from promptune.runtime import Runtime
+
 from conftest import make_vit_file
+
+CPU = Runtime(torch.device("cpu"))
 
 CLASSES = ["a", "b", "c"]
 TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2}
@@ -212,7 +216,7 @@ EVA_VARIANTS = {"eva02_base_patch14_224", "vit_base_patch16_dinov3", "vit_pe_cor
 def test_an_image_alone_gets_its_batched_logits(backbones, layout):
     backbone = backbones[layout.id]
     method = build(backbone, prompts_per_layer=4, init="mean")
-    method.prepare([images_for(backbone, layout, seed=1)], torch.device("cpu"), seed=0)
+    method.prepare([images_for(backbone, layout, seed=1)], CPU, seed=0)
     images = images_for(backbone, layout, count=3, seed=2)
     with torch.no_grad():
         batched = method(images)
@@ -230,7 +234,7 @@ def test_a_few_steps_lower_the_loss_and_touch_only_prompts_and_head(backbones, l
     method = build(backbone, cls=cls, prompts_per_layer=4)
     images = images_for(backbone, layout, count=6, seed=3)
     labels = torch.tensor([0, 1, 2, 0, 1, 2])
-    method.prepare([images], torch.device("cpu"), seed=0)
+    method.prepare([images], CPU, seed=0)
     optimizer = torch.optim.AdamW(method.param_groups(0.0), lr=1e-2)
     method.train()
     losses = []
@@ -249,7 +253,7 @@ def test_a_few_steps_lower_the_loss_and_touch_only_prompts_and_head(backbones, l
 def test_prompt_file_round_trips_through_load(backbones, layout, tmp_path):
     backbone = backbones[layout.id]
     method = build(backbone, prompts_per_layer=3, init="max")
-    method.prepare([images_for(backbone, layout, seed=4)], torch.device("cpu"), seed=0)
+    method.prepare([images_for(backbone, layout, seed=4)], CPU, seed=0)
     with torch.no_grad():
         method.head.bias.add_(0.5)
     record = PromptFile(tensors=method.learned_state(), method="spt", backbone=backbone.describe(),

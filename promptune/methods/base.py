@@ -12,6 +12,7 @@ from torch import nn
 from promptune.backbones import Backbone, Family
 from promptune.errors import MethodError, PromptFileError
 from promptune.methods.registry import TrainDefaults, method_spec
+from promptune.runtime import Runtime
 
 
 class _Registered:
@@ -38,6 +39,7 @@ class PromptMethod(nn.Module):
     description: ClassVar[str] = _Registered()
     open_vocabulary: ClassVar[bool] = False  # can classify into class names never trained
     Config: ClassVar[type]
+    prepare_reads_shard: ClassVar[bool] = False  # with several processes, `prepare` reads each process's share only
     prepare_progress: Callable[[int], None] | None = None  # told each prepared batch's image count (progress bars)
     grad_checkpointing: bool = False  # recompute each block's activations in backward (see set_grad_checkpointing)
 
@@ -77,12 +79,16 @@ class PromptMethod(nn.Module):
         return dataclasses.asdict(self.config)
 
     # ----- training hooks --------------------------------------------------------------------------------------------
-    def prepare(self, loader: Iterable, device: torch.device, seed: int) -> None:
+    def prepare(self, loader: Iterable, runtime: Runtime, seed: int) -> None:
         """Data-dependent initialisation before the first step (SPT prototypes, SEP class centres). No-op by default.
 
         `loader` yields `promptune.data.Batch` objects over the training images with the deterministic eval transform
-        (those of `prepare_subset`). A method that reads images here overrides `prepare_images` (a run calls `prepare`
-        only when it is above 0) and calls `_prepared(n)` after each batch.
+        (those of `prepare_subset`), to be moved to `runtime.device`. A method that reads images here overrides
+        `prepare_images` (a run calls `prepare` only when it is above 0) and calls `_prepared(n)` after each batch.
+
+        With several processes the result must be the same on every one of them. By default every process reads all
+        the images (the same seeded sample); a method whose `prepare_reads_shard` is True gets each process's share
+        and combines the shares itself through `runtime` (e.g. sums with `runtime.all_reduce`).
         """
 
     def prepare_images(self, available: int) -> int:
@@ -102,6 +108,11 @@ class PromptMethod(nn.Module):
         """(loss, logits) for a training batch. Default: cross-entropy on `forward`."""
         logits = self(images)
         return nn.functional.cross_entropy(logits, labels), logits
+
+    def has_unused_parameters(self) -> bool:
+        """Whether some parameter that requires grad gets no gradient from `training_loss` (then DDP must look for
+        such parameters at every step: find_unused_parameters)."""
+        return False
 
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         """Optimiser groups over learned parameters only. Default: one group, no decay on 1-D tensors."""

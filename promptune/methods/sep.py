@@ -34,6 +34,7 @@ from promptune.errors import MethodError
 from promptune.methods.clip_image import image_tower
 from promptune.methods.coop import ClipPromptMethod
 from promptune.methods.zeroshot import DEFAULT_TEMPLATE
+from promptune.runtime import Runtime
 
 
 @dataclass
@@ -147,6 +148,7 @@ class SEP(ClipPromptMethod):
 
     name = "sep"
     Config = SEPConfig
+    prepare_reads_shard = True  # class sums and counts add up over the processes' shares
 
     def __init__(self, backbone: Backbone, class_names: list[str], config: SEPConfig) -> None:
         tower = image_tower(backbone.model)  # refuses towers that take no prompt tokens, before any text work
@@ -302,19 +304,24 @@ class SEP(ClipPromptMethod):
     def prepare_images(self, available: int) -> int:
         return available
 
+    def has_unused_parameters(self) -> bool:
+        return not self.config.proto_weight  # the prototypes then play no part in the loss
+
     @torch.no_grad()
-    def prepare(self, loader: Iterable, device: torch.device, seed: int) -> None:
+    def prepare(self, loader: Iterable, runtime: Runtime, seed: int) -> None:
         """Start the prototype classifier at the class means of the frozen image features (one pass, no grad)."""
         sums = torch.zeros_like(self.prototypes, dtype=torch.float32)
         counts = torch.zeros(sums.shape[0], dtype=torch.float32, device=sums.device)
         for batch in loader:
             if batch.images.numel() == 0:
                 continue
-            features = self.frozen_image_features(batch.images.to(device)).float().to(sums.device)
+            features = self.frozen_image_features(batch.images.to(runtime.device)).float().to(sums.device)
             labels = batch.labels.to(sums.device)
             sums.index_add_(0, labels, features)
             counts.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float32))
             self._prepared(labels.shape[0])
+        runtime.all_reduce(sums)
+        runtime.all_reduce(counts)
         seen = counts > 0
         means = sums[seen] / counts[seen].unsqueeze(-1)
         self.prototypes[seen] = F.normalize(means, dim=-1).to(self.prototypes.dtype)

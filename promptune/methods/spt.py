@@ -30,6 +30,7 @@ from promptune.backbones import Backbone
 from promptune.errors import MethodError
 from promptune.methods.base import PromptMethod, run_block
 from promptune.methods.vit_blocks import POOLS, block_with_shared_prompts, drop_span, vit_layout
+from promptune.runtime import Runtime
 
 DEPTHS = ("deep", "shallow")
 SPT_INITS = ("random", "mean", "max", "kmeans")
@@ -443,7 +444,7 @@ class SPT(PromptMethod):
         generator = torch.Generator().manual_seed(_layer_seed(seed, -1, 0))
         return torch.randperm(available, generator=generator)[:wanted].sort().values.tolist()
 
-    def prepare(self, loader: Iterable, device: torch.device, seed: int) -> None:
+    def prepare(self, loader: Iterable, runtime: Runtime, seed: int) -> None:
         """Start every prompt set at token prototypes of the training images (see the module docstring).
 
         `random` samples P of a layer's tokens uniformly without replacement; `mean`/`max` sample P of the pooled
@@ -453,8 +454,7 @@ class SPT(PromptMethod):
         """
         if self.num_prompts == 0:
             return
-        if device is None:
-            device = self.prompts.device
+        device = runtime.device
         self.to(device)  # collect where training will run
         count = self.num_prompts
         budget = self.config.reservoir_size if self.config.init == "kmeans" else count
@@ -480,6 +480,9 @@ class SPT(PromptMethod):
             self.prompts.copy_(torch.stack(initial).to(self.prompts.device, self.prompts.dtype))
 
     # ----- optimisation and the prompt file --------------------------------------------------------------------------
+    def has_unused_parameters(self) -> bool:
+        return self.num_prompts == 0  # a linear probe: the (empty) prompts play no part in the loss
+
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         """Prompts, head weight, head bias, each with the config's own decay; the trainer's global `weight_decay` is
         not used (per-group decay is part of the recipe: a large one on the head, a small one on the prompts)."""
@@ -514,5 +517,5 @@ class VPT(SPT):
     def prepare_images(self, available: int) -> int:
         return 0
 
-    def prepare(self, loader: Iterable, device: torch.device, seed: int) -> None:
+    def prepare(self, loader: Iterable, runtime: Runtime, seed: int) -> None:
         """Nothing to do: the prompts were drawn from U(-v, v) when the model was built."""

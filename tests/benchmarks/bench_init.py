@@ -36,6 +36,7 @@ def run_one(args: argparse.Namespace, images: int) -> dict:
     from promptune.backbones import Backbone, freeze
     from promptune.data import Batch, Preprocess
     from promptune.methods.spt import SPT
+    from promptune.runtime import Runtime
 
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -64,7 +65,7 @@ def run_one(args: argparse.Namespace, images: int) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    method.prepare(batches(), device, seed=0)
+    method.prepare(batches(), Runtime(device), seed=0)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started

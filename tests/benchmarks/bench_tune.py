@@ -111,7 +111,7 @@ def data_wait(spec: dict[str, Any]) -> dict[str, Any]:
                                      shuffle=True, seed=seed, workers=workers, pin_memory=pin)
         started = time.perf_counter()
         with torch.no_grad(), common.runtime(device, amp_dtype).autocast():
-            method.prepare(prepare_loader, device, seed)
+            method.prepare(prepare_loader, common.runtime(device, amp_dtype), seed)
         result["prepare_s"] = round(time.perf_counter() - started, 2)
         trainer = Trainer(method, cfg, common.runtime(device, amp_dtype), steps_per_epoch=len(train_loader))
         summary = trainer.fit(train_loader, None)
