@@ -27,6 +27,7 @@ the steady-state figures are the mean over the later epochs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -71,6 +72,81 @@ def _untrimmed():
             ClipTextRunner.needed_length = original
 
     return patch()
+
+
+# Parts of a method's forward pass that the op breakdown names: instance methods, then sub-modules (if present).
+PHASE_METHODS = {"frozen_image_features": "frozen image pass", "encode_image_prompted": "prompted image tower"}
+PHASE_MODULES = {"text": "text tower", "text_fusion": "text TFMs", "visual_fusion": "image TFMs"}
+
+
+@contextlib.contextmanager
+def _phase_labels(trainer, method, phases: list[str]):
+    """While each named part of the step runs, its label is on top of `phases` (forward ops); when it returns, the
+    autograd nodes it created are tagged with the label (their backward ops). Everything is restored on exit."""
+
+    def enter(label: str, inputs: Any) -> set:
+        phases.append(label)
+        return common.graph_nodes(common.grad_nodes(inputs))
+
+    def leave(label: str, outputs: Any, boundary: set) -> None:
+        phases.pop()
+        common.tag_graph(common.grad_nodes(outputs), label.removeprefix("forward: "), boundary)
+
+    def labelled(function, label: str):
+        def run(*args, **kwargs):
+            boundary = enter(label, [args, kwargs])
+            outputs = None
+            try:
+                outputs = function(*args, **kwargs)
+                return outputs
+            finally:
+                leave(label, outputs, boundary)
+
+        return run
+
+    def hooks(module: torch.nn.Module, label: str) -> list:
+        boundaries: list[set] = []
+        pre = module.register_forward_pre_hook(lambda _, args: boundaries.append(enter(label, args)))
+        post = module.register_forward_hook(lambda _, args, outputs: leave(label, outputs, boundaries.pop()))
+        return [pre, post]
+
+    patched = [(trainer, "loss_fn", "forward: rest of the loss"), (trainer.optimizer, "step", "optimizer step"),
+               (trainer.optimizer, "zero_grad", "zero_grad")]
+    patched += [(method, name, f"forward: {label}") for name, label in PHASE_METHODS.items() if hasattr(method, name)]
+    originals = [(owner, name, owner.__dict__.get(name)) for owner, name, _ in patched]
+    for owner, name, label in patched:
+        setattr(owner, name, labelled(getattr(owner, name), label))
+    handles = []
+    for name, label in PHASE_MODULES.items():
+        module = getattr(method, name, None)
+        if isinstance(module, torch.nn.Module):
+            parts = list(module.children()) if isinstance(module, torch.nn.ModuleList) else [module]
+            handles += [handle for part in parts for handle in hooks(part, f"forward: {label}")]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for owner, name, original in originals:
+            if original is None:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, original)
+
+
+def count_step_ops(step, trainer, method) -> dict[str, Any]:
+    """aten ops of one step, and (for a method) the same step's ops by part: forward parts, the backward of each part
+    (charged by autograd node), the optimiser step and zero_grad; `other` is the backward seed, schedule and checks."""
+    result: dict[str, Any] = {"aten_ops_per_step": common.count_ops(step)}
+    if trainer is None:
+        return result
+    phases = ["other"]
+    with _phase_labels(trainer, method, phases), common.OpCounter(phases) as counter:
+        step()
+    result["aten_ops_breakdown"] = dict(counter.by_phase.most_common())
+    result["aten_ops_breakdown_total"] = counter.total  # equals aten_ops_per_step unless the labelling changed a path
+    result["aten_ops_top"] = dict(counter.by_op.most_common(15))
+    return result
 
 
 def data_wait(spec: dict[str, Any]) -> dict[str, Any]:
@@ -168,6 +244,7 @@ def single(spec: dict[str, Any]) -> dict[str, Any]:
                 forward(images)
 
         runs = {"step": step}
+        counted = None
     elif spec["case"] == "forward_backward_input":
         forward = _forward(backbone)
 
@@ -178,6 +255,7 @@ def single(spec: dict[str, Any]) -> dict[str, Any]:
             out.float().sum().backward()
 
         runs = {"step": step}
+        counted = (step, None, None)
     else:
         from promptune.train import Trainer, TrainConfig
 
@@ -211,6 +289,7 @@ def single(spec: dict[str, Any]) -> dict[str, Any]:
                 method.set_grad_checkpointing(bool(spec.get("grad_checkpointing")))
 
         runs = {"step": step}
+        counted = (step, trainer, method)
         if spec.get("untrimmed") and text is not None:
             runs["untrimmed_step"] = step_untrimmed
         if spec.get("interleave_checkpointing"):
@@ -218,8 +297,10 @@ def single(spec: dict[str, Any]) -> dict[str, Any]:
 
     memory = common.PeakMemory(device)
     for run in runs.values():
-        for _ in range(warmup):
+        for _ in range(max(warmup, 1) if counted is not None else warmup):
             run()
+    if counted is not None:  # after a warm-up step, so the optimiser state exists as in every later step
+        result.update(count_step_ops(*counted))
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(steps):  # interleaved, so load drift on a shared machine hits every variant alike
         for name, run in runs.items():
