@@ -14,6 +14,7 @@ from torch import nn
 
 from promptune.errors import MethodError
 from promptune.methods.base import run_block
+from promptune.methods.clip_blocks import resblock_forward
 
 LayerHook = Callable[[int, torch.Tensor], torch.Tensor]  # (block index, x (N, L, D)) -> x, called before the block
 
@@ -91,9 +92,7 @@ class ClipTextRunner(nn.Module):
         def segment(x: torch.Tensor, index: int, block: nn.Module) -> torch.Tensor:
             if hook is not None:
                 x = hook(index, x)
-            if batch_first:
-                return block(x, attn_mask=mask)
-            return block(x.transpose(0, 1), attn_mask=mask).transpose(0, 1)
+            return resblock_forward(block, x, mask, batch_first)
 
         for index, block in enumerate(transformer.resblocks):
             x = run_block(checkpointed, segment, x, index, block)
