@@ -190,6 +190,7 @@ def summary(seconds: list[float], batch: int | None = None) -> dict[str, Any]:
         "min_ms": round(min(seconds) * 1e3, 2),
         "max_ms": round(max(seconds) * 1e3, 2),
         "samples": len(seconds),
+        "samples_ms": [round(value * 1e3, 2) for value in seconds],
     }
     if batch is not None:
         out["images_per_s"] = round(batch / median, 2)

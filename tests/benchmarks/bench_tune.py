@@ -13,6 +13,16 @@ alternating trimmed and untrimmed steps in one process so machine-load drift hit
 `--grad-checkpointing` also times steps with `set_grad_checkpointing(True)`, alternating with plain steps in the
 method's process (the step-time ratio), and runs the checkpointed steps alone in one more process (their peak memory).
 
+Every case also reports `aten_ops_per_step`: the aten ops dispatched by one whole step (forward, backward, optimiser
+step, zero_grad), counted by a `TorchDispatchMode` after the warm-up. It does not depend on the batch size or the
+number of classes, and it is the CPU-side proxy for a GPU's kernel launches and dispatch cost (an eager GPU step that
+dispatches thousands of small ops leaves the GPU idle). Method cases add `aten_ops_breakdown` (the same step's ops by
+part: each forward part, the backward of each part, AccumulateGrad, the optimiser step) and `aten_ops_top`.
+`--before REV` runs every method case also on promptune as of git revision REV (exported with `git archive`),
+alternating before/after processes for `--rounds` rounds, and reports both sides' op counts and step times.
+
+    python tests/benchmarks/bench_tune.py --before ca3efe7 --rounds 2                # before/after, all methods
+
 `--data-wait` measures the real input pipeline instead: it writes a folder of JPEG files (`--data-classes` x
 `--images-per-class`, `--image-size` px) to a temporary directory, wires it as `promptune.tune` does
 (`load_training_data`, `ImageDataset`, `build_transform`, `make_loader` with the default worker count unless
@@ -225,6 +235,8 @@ def data_wait(spec: dict[str, Any]) -> dict[str, Any]:
 
 def single(spec: dict[str, Any]) -> dict[str, Any]:
     """One case in this (fresh) process: build, warm up, time `steps` steps, report time and memory."""
+    if spec.get("code_root"):  # --before: import promptune from that revision's exported tree
+        sys.path.insert(0, spec["code_root"])
     if spec["case"] == "data_wait":
         return data_wait(spec)
     device, amp_dtype, threads = common.setup_device(spec["device"])
@@ -234,7 +246,7 @@ def single(spec: dict[str, Any]) -> dict[str, Any]:
     backbone.model.to(device)
     batch, steps, warmup = spec["batch"], spec["steps"], spec["warmup"]
     images, labels = _batch(backbone, batch, spec["classes"], device)
-    result: dict[str, Any] = {"case": spec["case"], "backbone": spec["backbone"]}
+    result: dict[str, Any] = {"case": spec["case"], "backbone": spec["backbone"], "code": spec.get("code", "working tree")}
 
     if spec["case"] == "forward":
         forward = _forward(backbone)
@@ -244,7 +256,7 @@ def single(spec: dict[str, Any]) -> dict[str, Any]:
                 forward(images)
 
         runs = {"step": step}
-        counted = None
+        counted = (step, None, None)
     elif spec["case"] == "forward_backward_input":
         forward = _forward(backbone)
 
@@ -318,6 +330,38 @@ def single(spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def _export_revision(revision: str) -> dict[str, str]:
+    """`promptune/` of a git revision, exported into a temporary folder (the repository itself is only read)."""
+    import subprocess
+    import tempfile
+
+    commit = subprocess.run(["git", "-C", str(common.REPO_ROOT), "rev-parse", "--short", revision],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    folder = tempfile.mkdtemp(prefix="promptune-before-")
+    archive = subprocess.run(["git", "-C", str(common.REPO_ROOT), "archive", commit, "promptune"],
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", folder], input=archive, check=True)
+    return {"code_root": folder, "code": commit}
+
+
+def _before_and_after(spec: dict[str, Any], before: dict[str, str], rounds: int,
+                      timeout: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The case on the working tree and on `before`, alternating processes for `rounds` rounds; step times pooled."""
+    runs: dict[str, list[dict[str, Any]]] = {"after": [], "before": []}
+    for _ in range(rounds):
+        runs["before"].append(common.run_isolated(SCRIPT, {**spec, **before}, timeout))
+        runs["after"].append(common.run_isolated(SCRIPT, spec, timeout))
+    merged = {}
+    for side, results in runs.items():
+        result = dict(results[0])
+        samples = [ms / 1e3 for r in results for ms in r.get("step", {}).get("samples_ms", [])]
+        if samples:
+            result["step"] = common.summary(samples, spec["batch"])
+        result["rounds"] = len(results)
+        merged[side] = result
+    return merged["after"], merged["before"]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--method", action="append", choices=ALL_METHODS, help="repeatable; default: all four")
@@ -338,6 +382,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image-size", default="320x240", help="--data-wait: WIDTHxHEIGHT of the generated JPEGs")
     parser.add_argument("--epochs", type=int, default=3, help="--data-wait: epochs of Trainer.fit (>= 2 for a steady state)")
     parser.add_argument("--workers", type=int, default=None, help="--data-wait: loader workers (default: promptune's)")
+    parser.add_argument("--before", metavar="REV",
+                        help="step mode: also run every method case on promptune as of git revision REV (alternating "
+                             "processes with the working tree), for before/after op counts and step times in one run")
+    parser.add_argument("--rounds", type=int, default=2, help="--before: alternating before/after rounds per method")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per isolated case")
     parser.add_argument("--single", help=argparse.SUPPRESS)
@@ -366,8 +414,14 @@ def main(argv: list[str] | None = None) -> None:
         "results": {},
     }
     environment = None
+    before = _export_revision(args.before) if args.before else None
+    if before is not None:
+        report["inputs"]["before"] = {"revision": before["code"], "rounds": args.rounds,
+                                      "how": "each method case runs on the exported revision and on the working tree "
+                                             "in alternating processes, --rounds times; step times pool all rounds"}
     for family in families:
         cases: dict[str, Any] = {}
+        before_cases: dict[str, Any] = {}
         for case in () if args.no_baselines else ("forward", "forward_backward_input"):
             cases[case] = common.run_isolated(SCRIPT, {**base, "case": case, "backbone": backbones[family]}, args.timeout)
         for method in methods:
@@ -379,7 +433,10 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             spec = {**base, "case": method, "backbone": backbones[family], "untrimmed": args.untrimmed,
                     "interleave_checkpointing": args.grad_checkpointing}
-            cases[method] = common.run_isolated(SCRIPT, spec, args.timeout)
+            if before is not None:
+                cases[method], before_cases[method] = _before_and_after(spec, before, args.rounds, args.timeout)
+            else:
+                cases[method] = common.run_isolated(SCRIPT, spec, args.timeout)
             if args.grad_checkpointing:  # its own process, so its peak memory is the checkpointed steps' alone
                 spec = {**spec, "untrimmed": False, "interleave_checkpointing": False, "grad_checkpointing": True}
                 cases[f"{method}+grad_checkpointing"] = common.run_isolated(SCRIPT, spec, args.timeout)
@@ -408,7 +465,19 @@ def main(argv: list[str] | None = None) -> None:
                     checkpointed_memory["peak_mb"], plain_memory["peak_mb"])
                 ratios[f"{method}_grad_checkpointing_added_by_steps_over_added_by_steps"] = common.ratio(
                     checkpointed_memory["added_by_steps_mb"], plain_memory["added_by_steps_mb"])
+            if method in before_cases:
+                old = before_cases[method]
+                ratios[f"{method}_aten_ops_over_before"] = common.ratio(
+                    cases[method].get("aten_ops_per_step"), old.get("aten_ops_per_step"))
+                ratios[f"{method}_step_over_before"] = common.ratio(step, old.get("step", {}).get("median_ms"))
+                if not args.no_baselines:
+                    ratios[f"{method}_before_step_over_forward_backward_input"] = common.ratio(
+                        old.get("step", {}).get("median_ms"), backward)
         report["results"][family] = {"cases": cases, "ratios": ratios}
+        if before_cases:
+            for case in before_cases.values():
+                case.pop("environment", None)
+            report["results"][family]["before"] = before_cases
     sep = report["results"].get("clip", {}).get("ratios", {}).get("sep_trimmed_over_untrimmed")
     if sep is not None:
         report["targets"] = {"sep_trimmed_over_untrimmed": {
