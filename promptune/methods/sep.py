@@ -74,12 +74,12 @@ class FusionAttention(nn.Module):
         nn.init.zeros_(self.out_proj.bias)
 
     def forward(self, query: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """query (N, Q, D), context (N, C, D), both contiguous -> each query row's attention over its own context: (N, Q, D)."""
+        """query (N, Q, D), context (N, C, D) -> each input's queries attended over its own context: (N, Q, D)."""
         n, length, width = query.shape
         w_q, w_kv = self.in_proj_weight.split([width, 2 * width])
         b_q, b_kv = self.in_proj_bias.split([width, 2 * width])
-        q = F.linear(query.view(-1, width), w_q, b_q).view(n, length, self.heads, -1).transpose(1, 2)  # (N, H, Q, d)
-        kv = F.linear(context.view(-1, width), w_kv, b_kv).view(n, -1, 2, self.heads, width // self.heads)
+        q = F.linear(query.reshape(-1, width), w_q, b_q).view(n, length, self.heads, -1).transpose(1, 2)  # (N, H, Q, d)
+        kv = F.linear(context.reshape(-1, width), w_kv, b_kv).view(n, -1, 2, self.heads, width // self.heads)
         k, v = kv.permute(2, 0, 3, 1, 4)  # 2 x (N, H, C, d)
         out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(-1, width)  # (N·Q, D)
         return self.out_proj(out).view(n, length, width)
@@ -90,7 +90,7 @@ class TokenFusion(nn.Module):
 
     h = g1·rep + (1 − g1)·MHA(LN1(prompt), LN1(rep), LN1(rep));  out = g2·h + (1 − g2)·MLP(LN2(h)).
     Slot j of the output is anchored on representative token j, so both inputs carry the same number of tokens.
-    The gated sums are `torch.lerp` (one op each forward) and the MLP runs on flattened rows.
+    Each gated sum is one `torch.lerp`.
     """
 
     def __init__(self, width: int, hidden: int, gate_init: float) -> None:
@@ -115,7 +115,7 @@ class TokenFusion(nn.Module):
         prompts, reps = prompts.to(weight_dtype), reps.to(weight_dtype)
         attended = self.attn(self.ln_1(prompts), self.ln_1(reps)).to(weight_dtype)  # autocast computes it in bf16/fp16
         h = torch.lerp(attended, reps, self.gate_1)  # (N, K, D)
-        update = self.mlp(self.ln_2(h).view(-1, h.shape[-1])).view_as(h).to(weight_dtype)
+        update = self.mlp(self.ln_2(h).reshape(-1, h.shape[-1])).view_as(h).to(weight_dtype)  # MLP on (N·K, D) rows
         return torch.lerp(update, h, self.gate_2).to(dtype)
 
 
