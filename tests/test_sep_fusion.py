@@ -1,54 +1,25 @@
 """SEP's lean training step computes what the plain implementation computed.
 
-The references below are written with torch's own modules: `nn.MultiheadAttention` for the Token Fusion Module, the
-previous token selection and splicing, open_clip's residual blocks called as modules, and torch's per-parameter Adam.
+The references (`sep_reference.py`) are written with torch's own modules: `nn.MultiheadAttention` for the Token Fusion
+Module, the previous token selection and splicing, open_clip's residual blocks called as modules; the optimiser is
+compared with torch's per-parameter loops.
 """
 
 from __future__ import annotations
 
 import copy
-from collections import OrderedDict
 
 import open_clip
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from promptune.backbones import load_backbone
-from promptune.methods import clip_blocks, clip_text
-from promptune.methods import sep as sep_module
+from promptune.methods import clip_blocks
 from promptune.methods.clip_blocks import resblock_forward
 from promptune.methods.sep import SEP, FusionAttention, QuickGELU, TokenFusion, fusion_heads, select_tokens
 from promptune.train import TrainConfig, build_optimizer
-
-
-class ReferenceTokenFusion(nn.Module):
-    """The Token Fusion Module as promptune 0.1.0 computed it: nn.MultiheadAttention (batch_first), explicit gates."""
-
-    def __init__(self, width: int, hidden: int, gate_init: float) -> None:
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(width)
-        self.attn = nn.MultiheadAttention(width, fusion_heads(width), batch_first=True)
-        self.ln_2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(
-            OrderedDict(fc=nn.Linear(width, hidden, bias=False), act=QuickGELU(), proj=nn.Linear(hidden, width, bias=False))
-        )
-        self.gate_1 = nn.Parameter(torch.tensor(float(gate_init)))
-        self.gate_2 = nn.Parameter(torch.tensor(float(gate_init)))
-
-    def forward(self, prompts: torch.Tensor, reps: torch.Tensor) -> torch.Tensor:
-        query, key = self.ln_1(prompts), self.ln_1(reps)
-        attended = self.attn(query, key, key, need_weights=False)[0]
-        h = self.gate_1 * reps + (1 - self.gate_1) * attended
-        return self.gate_2 * h + (1 - self.gate_2) * self.mlp(self.ln_2(h))
-
-
-def reference_select(x: torch.Tensor, k: int) -> torch.Tensor:
-    """promptune 0.1.0's token selection: top-k by x.float().pow(2).mean(-1), then gather."""
-    with torch.no_grad():
-        index = x.float().pow(2).mean(dim=-1).topk(k, dim=1).indices
-    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+from sep_reference import PreviousImplementation, ReferenceTokenFusion, per_parameter_adam, reference_select
 
 
 def randomize(module: nn.Module, seed: int) -> None:
@@ -199,49 +170,6 @@ def backbone(clip_files):
     return load_backbone(str(config_json), str(weights_file))
 
 
-def _previous_implementation(sep: SEP, monkeypatch) -> None:
-    """Swap promptune 0.1.0's step into `sep`: reference fusion modules with the same parameters, the previous token
-    selection and splicing, and open_clip's blocks called as modules."""
-    text = [ReferenceTokenFusion(sep.text.width, sep.config.tfm_hidden, 0.75) for _ in sep.text_fusion]
-    visual = [ReferenceTokenFusion(sep.ctx_v.shape[1], sep.config.tfm_hidden, 0.75) for _ in sep.visual_fusion]
-    for references, modules in ((text, sep.text_fusion), (visual, sep.visual_fusion)):
-        for reference, module in zip(references, modules):
-            shared = dict(module.named_parameters())
-            assert shared.keys() == dict(reference.named_parameters()).keys()
-            for name, parameter in shared.items():  # the reference computes with the model's own parameters
-                *path, leaf = name.split(".")
-                owner = reference
-                for part in path:
-                    owner = getattr(owner, part)
-                setattr(owner, leaf, parameter)
-
-    def text_hook(index: int, x: torch.Tensor) -> torch.Tensor:
-        slot = sep._text_slot.get(index)
-        if slot is None:
-            return x
-        n = sep.n_ctx
-        fused = text[slot](x[:, 1 : 1 + n], x[:, 1 + n : 1 + 2 * n])
-        return torch.cat([x[:, :1], fused, x[:, 1 + n :]], dim=1)
-
-    def visual_hook(index: int, x: torch.Tensor) -> torch.Tensor:
-        slot = sep._visual_slot.get(index)
-        if slot is None:
-            return x
-        n = sep.config.n_ctx_v
-        reps = reference_select(x[:, :-n], n)
-        return torch.cat([x[:, :-n], visual[slot](x[:, -n:], reps)], dim=1)
-
-    def block_call(block: nn.Module, x: torch.Tensor, mask: torch.Tensor | None, batch_first: bool) -> torch.Tensor:
-        if batch_first:
-            return block(x, attn_mask=mask)
-        return block(x.transpose(0, 1), attn_mask=mask).transpose(0, 1)
-
-    monkeypatch.setattr(sep, "_text_hook", text_hook)
-    monkeypatch.setattr(sep, "_visual_hook", visual_hook)
-    monkeypatch.setattr(sep_module, "resblock_forward", block_call)
-    monkeypatch.setattr(clip_text, "resblock_forward", block_call)
-
-
 def loss_logits_grads(sep: SEP, images: torch.Tensor, labels: torch.Tensor):
     sep.train()
     sep.zero_grad(set_to_none=True)
@@ -254,15 +182,14 @@ def loss_logits_grads(sep: SEP, images: torch.Tensor, labels: torch.Tensor):
     return loss.detach(), logits.detach(), learned, eval_logits
 
 
-def test_sep_loss_logits_and_gradients_equal_the_previous_implementation(backbone, monkeypatch):
+def test_sep_loss_logits_and_gradients_equal_the_previous_implementation(backbone):
     torch.manual_seed(0)
     sep = SEP(backbone, ["red square", "green circle", "blue triangle", "golden retriever"], SEP.make_config({}))
     randomize(sep, seed=7)
     generator = torch.Generator().manual_seed(1)
     images, labels = torch.randn(5, 3, 32, 32, generator=generator), torch.tensor([0, 1, 2, 3, 1])
     new = loss_logits_grads(sep, images, labels)
-    with monkeypatch.context() as patch:
-        _previous_implementation(sep, patch)
+    with PreviousImplementation(sep).active():
         old = loss_logits_grads(sep, images, labels)
     torch.testing.assert_close(new[0], old[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(new[1], old[1], atol=1e-5, rtol=1e-5)
@@ -280,7 +207,7 @@ def _optimizers(name: str, eps: float, fused_groups: list, plain_groups: list):
     cfg = TrainConfig(epochs=1, lr=2.5e-3, weight_decay=5e-4, batch_size=4, optimizer=name, eps=eps)
     fused = build_optimizer(fused_groups, cfg)
     plain = {
-        "adam": lambda: torch.optim.Adam(plain_groups, lr=cfg.lr, eps=eps, foreach=False, fused=False),
+        "adam": lambda: per_parameter_adam(plain_groups, lr=cfg.lr, eps=eps),
         "adamw": lambda: torch.optim.AdamW(plain_groups, lr=cfg.lr, eps=eps, foreach=False, fused=False),
         "sgd": lambda: torch.optim.SGD(plain_groups, lr=cfg.lr, momentum=0.9, foreach=False, fused=False),
     }[name]()

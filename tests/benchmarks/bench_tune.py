@@ -20,8 +20,11 @@ dispatches thousands of small ops leaves the GPU idle). Method cases add `aten_o
 part: each forward part, the backward of each part, AccumulateGrad, the optimiser step) and `aten_ops_top`.
 `--before REV` runs every method case also on promptune as of git revision REV (exported with `git archive`),
 alternating before/after processes for `--rounds` rounds, and reports both sides' op counts and step times.
+`--sep-reference` also times promptune 0.1.0's SEP step (`tests/sep_reference.py` and per-parameter Adam) alternating
+with the current step on the same model in SEP's own process, so machine-load drift hits both alike.
 
     python tests/benchmarks/bench_tune.py --before ca3efe7 --rounds 2                # before/after, all methods
+    python tests/benchmarks/bench_tune.py --method sep --no-baselines --sep-reference --steps 6   # same-process ratio
 
 `--data-wait` measures the real input pipeline instead: it writes a folder of JPEG files (`--data-classes` x
 `--images-per-class`, `--image-size` px) to a temporary directory, wires it as `promptune.tune` does
@@ -40,6 +43,7 @@ import argparse
 import contextlib
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -159,10 +163,30 @@ def count_step_ops(step, trainer, method) -> dict[str, Any]:
     return result
 
 
+def _reference_step(method, config, device: torch.device, images: torch.Tensor, labels: torch.Tensor):
+    """A step of promptune 0.1.0's SEP on the same model (tests/sep_reference.py: nn.MultiheadAttention fusion modules,
+    the previous token shuffling, open_clip blocks as modules) with its per-parameter Adam, in its own Trainer."""
+    sys.path.insert(0, str(SCRIPT.parents[1]))
+    from sep_reference import PreviousImplementation, per_parameter_adam
+
+    from promptune.train import Trainer, build_schedule
+
+    trainer = Trainer(method, config, device, steps_per_epoch=10**6)
+    trainer.optimizer = per_parameter_adam(method.param_groups(config.weight_decay), config.lr, config.eps)
+    trainer.schedule = build_schedule(trainer.optimizer, config, steps_per_epoch=10**6)
+
+    previous = PreviousImplementation(method)
+
+    def step() -> None:
+        with previous.active():
+            trainer.train_step(images, labels)
+
+    return step
+
+
 def data_wait(spec: dict[str, Any]) -> dict[str, Any]:
     """`Trainer.fit` on a generated JPEG folder through the real loader; per-epoch data-wait fraction and images/s."""
     import tempfile
-    import time
 
     from promptune.data import ImageDataset, build_transform, default_workers, load_training_data, make_loader
     from promptune.devices import autocast
@@ -306,6 +330,8 @@ def single(spec: dict[str, Any]) -> dict[str, Any]:
             runs["untrimmed_step"] = step_untrimmed
         if spec.get("interleave_checkpointing"):
             runs["grad_checkpointing_step"] = step_checkpointed
+        if spec.get("sep_reference") and spec["case"] == "sep":
+            runs["reference_step"] = _reference_step(method, config, device, images, labels)
 
     memory = common.PeakMemory(device)
     for run in runs.values():
@@ -313,13 +339,24 @@ def single(spec: dict[str, Any]) -> dict[str, Any]:
             run()
     if counted is not None:  # after a warm-up step, so the optimiser state exists as in every later step
         result.update(count_step_ops(*counted))
+    if "reference_step" in runs:
+        result["reference_aten_ops_per_step"] = common.count_ops(runs["reference_step"])
     times: dict[str, list[float]] = {name: [] for name in runs}
+    cpu_times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(steps):  # interleaved, so load drift on a shared machine hits every variant alike
         for name, run in runs.items():
+            started = time.process_time()
             times[name].append(common.timed(run, device))
+            cpu_times[name].append(time.process_time() - started)
     result.update({name: common.summary(values, batch) for name, values in times.items()})
+    # This process's CPU time per step (all its threads, in ms): on a shared machine it drifts far less than wall time.
+    result["cpu_time"] = {name: common.summary(values) for name, values in cpu_times.items()}
     if "untrimmed_step" in times:
         result["trimmed_over_untrimmed"] = common.ratio(result["step"]["median_ms"], result["untrimmed_step"]["median_ms"])
+    if "reference_step" in times:
+        result["step_over_reference_step"] = common.ratio(result["step"]["median_ms"], result["reference_step"]["median_ms"])
+        result["step_cpu_over_reference_step_cpu"] = common.ratio(
+            result["cpu_time"]["step"]["median_ms"], result["cpu_time"]["reference_step"]["median_ms"])
     if "grad_checkpointing_step" in times:
         result["grad_checkpointing_over_plain"] = common.ratio(
             result["grad_checkpointing_step"]["median_ms"], result["step"]["median_ms"])
@@ -382,6 +419,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image-size", default="320x240", help="--data-wait: WIDTHxHEIGHT of the generated JPEGs")
     parser.add_argument("--epochs", type=int, default=3, help="--data-wait: epochs of Trainer.fit (>= 2 for a steady state)")
     parser.add_argument("--workers", type=int, default=None, help="--data-wait: loader workers (default: promptune's)")
+    parser.add_argument("--sep-reference", action="store_true",
+                        help="step mode: also time promptune 0.1.0's SEP step (tests/sep_reference.py) alternating "
+                             "with the current one in SEP's process: the step-time ratio without process-to-process drift")
     parser.add_argument("--before", metavar="REV",
                         help="step mode: also run every method case on promptune as of git revision REV (alternating "
                              "processes with the working tree), for before/after op counts and step times in one run")
@@ -432,7 +472,7 @@ def main(argv: list[str] | None = None) -> None:
                 cases[method] = {"note": why}
                 continue
             spec = {**base, "case": method, "backbone": backbones[family], "untrimmed": args.untrimmed,
-                    "interleave_checkpointing": args.grad_checkpointing}
+                    "interleave_checkpointing": args.grad_checkpointing, "sep_reference": args.sep_reference}
             if before is not None:
                 cases[method], before_cases[method] = _before_and_after(spec, before, args.rounds, args.timeout)
             else:
@@ -456,6 +496,9 @@ def main(argv: list[str] | None = None) -> None:
                 ratios[f"{method}_step_over_forward_backward_input"] = common.ratio(step, backward)
             if "trimmed_over_untrimmed" in cases[method]:
                 ratios[f"{method}_trimmed_over_untrimmed"] = cases[method]["trimmed_over_untrimmed"]
+            if "step_over_reference_step" in cases[method]:  # alternating steps in one process
+                ratios[f"{method}_step_over_reference_step"] = cases[method]["step_over_reference_step"]
+                ratios[f"{method}_step_cpu_over_reference_step_cpu"] = cases[method]["step_cpu_over_reference_step_cpu"]
             if "grad_checkpointing_over_plain" in cases[method]:  # interleaved in one process: drift hits both
                 ratios[f"{method}_grad_checkpointing_step_over_step"] = cases[method]["grad_checkpointing_over_plain"]
             checkpointed = cases.get(f"{method}+grad_checkpointing", {})
