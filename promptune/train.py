@@ -108,16 +108,21 @@ def seed_everything(seed: int) -> None:
 
 
 def build_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The optimiser over `groups`. On CPU and CUDA it runs torch's fused kernel: one op per step for all parameters
+    instead of about ten per parameter, the same update rule (L2 decay added to the gradient for Adam, decoupled for
+    AdamW, eps inside the root as before); elsewhere torch picks its own kernel."""
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise MethodError("This method has no parameters to learn.")
+    fused = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
+    kernel: dict[str, Any] = {"fused": True} if fused else {}
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, **kernel)
     if cfg.optimizer == "adam":
         # Adam's weight_decay is L2 added to the gradient, as the SEP/CoOp (Dassl) code does
-        return torch.optim.Adam(groups, lr=cfg.lr, eps=cfg.eps)
+        return torch.optim.Adam(groups, lr=cfg.lr, eps=cfg.eps, **kernel)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, eps=cfg.eps)
+        return torch.optim.AdamW(groups, lr=cfg.lr, eps=cfg.eps, **kernel)
     raise MethodError(f"Unknown optimizer '{cfg.optimizer}'; choose one of: {', '.join(OPTIMIZERS)}.")
 
 

@@ -98,7 +98,7 @@ def test_registry_and_defaults(backbone):
     assert sep.text_layers == [1] and sep.visual_layers == [1]  # tiny CLIP: 2 blocks, fusion before all but block 0
     assert sep.ctx.shape == (6, 32) and sep.ctx_v.shape == (4, 64)
     assert sep.text_fusion[0].gate_1.item() == pytest.approx(0.75)
-    assert sep.text_fusion[0].attn.batch_first and sep.visual_fusion[0].attn.batch_first
+    assert sep.text_fusion[0].attn.heads == 1 and sep.visual_fusion[0].attn.heads == 1  # max(1, width // 64)
 
 
 def test_image_logits_do_not_depend_on_the_batch(backbone, test_set):

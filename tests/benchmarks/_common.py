@@ -15,12 +15,14 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:
@@ -196,6 +198,7 @@ def summary(seconds: list[float], batch: int | None = None) -> dict[str, Any]:
         "min_ms": round(min(seconds) * 1e3, 2),
         "max_ms": round(max(seconds) * 1e3, 2),
         "samples": len(seconds),
+        "samples_ms": [round(value * 1e3, 2) for value in seconds],
     }
     if batch is not None:
         out["images_per_s"] = round(batch / median, 2)
@@ -279,3 +282,76 @@ def run_isolated(script: Path, spec: dict[str, Any], timeout: float | None = Non
 def emit(result: dict[str, Any], compact: bool = False) -> None:
     """Print the one JSON object: indented for people, on one line for a parent process (`--single`)."""
     print(json.dumps(result) if compact else json.dumps(result, indent=2), flush=True)
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched while active (the CPU-side proxy for a GPU's kernel launches).
+
+    Views, in-place ops and copies count like any other op. With `phases` set (a stack of labels that the caller
+    pushes and pops around parts of the forward pass) each op is also charged to a part: a forward op to the innermost
+    label, a backward op to the `phase` that `tag_graph` put into the metadata of the autograd node running it.
+    """
+
+    def __init__(self, phases: list[str] | None = None) -> None:
+        super().__init__()
+        self.phases = phases
+        self.total = 0
+        self.by_phase: Counter[str] = Counter()
+        self.by_op: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.total += 1
+        self.by_op[func.overloadpacket.__name__] += 1
+        if self.phases is not None:
+            self.by_phase[self._phase()] += 1
+        return func(*args, **(kwargs or {}))
+
+    def _phase(self) -> str:
+        node = torch._C._current_autograd_node()
+        if node is None:
+            return self.phases[-1]
+        return f"backward: {node.metadata.get('phase', type(node).__name__)}"
+
+
+def grad_nodes(values: Any) -> list:
+    """The autograd nodes that produced the tensors in `values` (a tensor, or a tuple/list/dict of them)."""
+    if isinstance(values, torch.Tensor):
+        return [values.grad_fn] if values.grad_fn is not None else []
+    if isinstance(values, dict):
+        values = list(values.values())
+    if isinstance(values, (tuple, list)):
+        return [node for value in values for node in grad_nodes(value)]
+    return []
+
+
+def graph_nodes(roots: list) -> set:
+    """Every autograd node reachable from `roots`."""
+    seen: set = set()
+    pending = list(roots)
+    while pending:
+        node = pending.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            pending.extend(next_node for next_node, _ in node.next_functions)
+    return seen
+
+
+def tag_graph(roots: list, phase: str, boundary: set) -> None:
+    """Write `phase` into the metadata of the nodes reachable from `roots` that no inner part has tagged yet, stopping at
+    `boundary` (the graph that existed when the part began); gradient accumulators belong to no forward part."""
+    seen: set = set()
+    pending = list(roots)
+    while pending:
+        node = pending.pop()
+        if node is None or node in boundary or node in seen or type(node).__name__ == "AccumulateGrad":
+            continue
+        seen.add(node)
+        node.metadata.setdefault("phase", phase)
+        pending.extend(next_node for next_node, _ in node.next_functions)
+
+
+def count_ops(run: Callable[[], Any]) -> int:
+    """aten ops dispatched by one call of `run`."""
+    with OpCounter() as counter:
+        run()
+    return counter.total

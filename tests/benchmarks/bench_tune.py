@@ -13,6 +13,19 @@ alternating trimmed and untrimmed steps in one process so machine-load drift hit
 `--grad-checkpointing` also times steps with `set_grad_checkpointing(True)`, alternating with plain steps in the
 method's process (the step-time ratio), and runs the checkpointed steps alone in one more process (their peak memory).
 
+Every case also reports `aten_ops_per_step`: the aten ops dispatched by one whole step (forward, backward, optimiser
+step, zero_grad), counted by a `TorchDispatchMode` after the warm-up. It does not depend on the batch size or the
+number of classes, and it is the CPU-side proxy for a GPU's kernel launches and dispatch cost (an eager GPU step that
+dispatches thousands of small ops leaves the GPU idle). Method cases add `aten_ops_breakdown` (the same step's ops by
+part: each forward part, the backward of each part, AccumulateGrad, the optimiser step) and `aten_ops_top`.
+`--before REV` runs every method case also on promptune as of git revision REV (exported with `git archive`),
+alternating before/after processes for `--rounds` rounds, and reports both sides' op counts and step times.
+`--sep-reference` also times promptune 0.1.0's SEP step (`tests/sep_reference.py` and per-parameter Adam) alternating
+with the current step on the same model in SEP's own process, so machine-load drift hits both alike.
+
+    python tests/benchmarks/bench_tune.py --before ca3efe7 --rounds 2                # before/after, all methods
+    python tests/benchmarks/bench_tune.py --method sep --no-baselines --sep-reference --steps 6   # same-process ratio
+
 `--data-wait` measures the real input pipeline instead: it writes a folder of JPEG files (`--data-classes` x
 `--images-per-class`, `--image-size` px) to a temporary directory, wires it as `promptune.tune` does
 (`load_training_data`, `ImageDataset`, `build_transform`, `make_loader` with the default worker count unless
@@ -27,8 +40,10 @@ the steady-state figures are the mean over the later epochs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -73,10 +88,105 @@ def _untrimmed():
     return patch()
 
 
+# Parts of a method's forward pass that the op breakdown names: instance methods, then sub-modules (if present).
+PHASE_METHODS = {"frozen_image_features": "frozen image pass", "encode_image_prompted": "prompted image tower"}
+PHASE_MODULES = {"text": "text tower", "text_fusion": "text TFMs", "visual_fusion": "image TFMs"}
+
+
+@contextlib.contextmanager
+def _phase_labels(trainer, method, phases: list[str]):
+    """While each named part of the step runs, its label is on top of `phases` (forward ops); when it returns, the
+    autograd nodes it created are tagged with the label (their backward ops). Everything is restored on exit."""
+
+    def enter(label: str, inputs: Any) -> set:
+        phases.append(label)
+        return common.graph_nodes(common.grad_nodes(inputs))
+
+    def leave(label: str, outputs: Any, boundary: set) -> None:
+        phases.pop()
+        common.tag_graph(common.grad_nodes(outputs), label.removeprefix("forward: "), boundary)
+
+    def labelled(function, label: str):
+        def run(*args, **kwargs):
+            boundary = enter(label, [args, kwargs])
+            outputs = None
+            try:
+                outputs = function(*args, **kwargs)
+                return outputs
+            finally:
+                leave(label, outputs, boundary)
+
+        return run
+
+    def hooks(module: torch.nn.Module, label: str) -> list:
+        boundaries: list[set] = []
+        pre = module.register_forward_pre_hook(lambda _, args: boundaries.append(enter(label, args)))
+        post = module.register_forward_hook(lambda _, args, outputs: leave(label, outputs, boundaries.pop()))
+        return [pre, post]
+
+    patched = [(trainer, "loss_fn", "forward: rest of the loss"), (trainer.optimizer, "step", "optimizer step"),
+               (trainer.optimizer, "zero_grad", "zero_grad")]
+    patched += [(method, name, f"forward: {label}") for name, label in PHASE_METHODS.items() if hasattr(method, name)]
+    originals = [(owner, name, owner.__dict__.get(name)) for owner, name, _ in patched]
+    for owner, name, label in patched:
+        setattr(owner, name, labelled(getattr(owner, name), label))
+    handles = []
+    for name, label in PHASE_MODULES.items():
+        module = getattr(method, name, None)
+        if isinstance(module, torch.nn.Module):
+            parts = list(module.children()) if isinstance(module, torch.nn.ModuleList) else [module]
+            handles += [handle for part in parts for handle in hooks(part, f"forward: {label}")]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for owner, name, original in originals:
+            if original is None:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, original)
+
+
+def count_step_ops(step, trainer, method) -> dict[str, Any]:
+    """aten ops of one step, and (for a method) the same step's ops by part: forward parts, the backward of each part
+    (charged by autograd node), the optimiser step and zero_grad; `other` is the backward seed, schedule and checks."""
+    result: dict[str, Any] = {"aten_ops_per_step": common.count_ops(step)}
+    if trainer is None:
+        return result
+    phases = ["other"]
+    with _phase_labels(trainer, method, phases), common.OpCounter(phases) as counter:
+        step()
+    result["aten_ops_breakdown"] = dict(counter.by_phase.most_common())
+    result["aten_ops_breakdown_total"] = counter.total  # equals aten_ops_per_step unless the labelling changed a path
+    result["aten_ops_top"] = dict(counter.by_op.most_common(15))
+    return result
+
+
+def _reference_step(method, config, device: torch.device, images: torch.Tensor, labels: torch.Tensor):
+    """A step of promptune 0.1.0's SEP on the same model (tests/sep_reference.py: nn.MultiheadAttention fusion modules,
+    the previous token shuffling, open_clip blocks as modules) with its per-parameter Adam, in its own Trainer."""
+    sys.path.insert(0, str(SCRIPT.parents[1]))
+    from sep_reference import PreviousImplementation, per_parameter_adam
+
+    from promptune.train import Trainer, build_schedule
+
+    trainer = Trainer(method, config, device, steps_per_epoch=10**6)
+    trainer.optimizer = per_parameter_adam(method.param_groups(config.weight_decay), config.lr, config.eps)
+    trainer.schedule = build_schedule(trainer.optimizer, config, steps_per_epoch=10**6)
+
+    previous = PreviousImplementation(method)
+
+    def step() -> None:
+        with previous.active():
+            trainer.train_step(images, labels)
+
+    return step
+
+
 def data_wait(spec: dict[str, Any]) -> dict[str, Any]:
     """`Trainer.fit` on a generated JPEG folder through the real loader; per-epoch data-wait fraction and images/s."""
     import tempfile
-    import time
 
     from promptune.data import ImageDataset, build_transform, default_workers, load_training_data, make_loader
     from promptune.train import Trainer, TrainConfig, seed_everything
@@ -148,6 +258,8 @@ def data_wait(spec: dict[str, Any]) -> dict[str, Any]:
 
 def single(spec: dict[str, Any]) -> dict[str, Any]:
     """One case in this (fresh) process: build, warm up, time `steps` steps, report time and memory."""
+    if spec.get("code_root"):  # --before: import promptune from that revision's exported tree
+        sys.path.insert(0, spec["code_root"])
     if spec["case"] == "data_wait":
         return data_wait(spec)
     device, amp_dtype, threads = common.setup_device(spec["device"])
@@ -156,7 +268,7 @@ def single(spec: dict[str, Any]) -> dict[str, Any]:
     backbone.model.to(device)
     batch, steps, warmup = spec["batch"], spec["steps"], spec["warmup"]
     images, labels = _batch(backbone, batch, spec["classes"], device)
-    result: dict[str, Any] = {"case": spec["case"], "backbone": spec["backbone"]}
+    result: dict[str, Any] = {"case": spec["case"], "backbone": spec["backbone"], "code": spec.get("code", "working tree")}
 
     if spec["case"] == "forward":
         forward = _forward(backbone)
@@ -166,6 +278,7 @@ def single(spec: dict[str, Any]) -> dict[str, Any]:
                 forward(images)
 
         runs = {"step": step}
+        counted = (step, None, None)
     elif spec["case"] == "forward_backward_input":
         forward = _forward(backbone)
 
@@ -176,6 +289,7 @@ def single(spec: dict[str, Any]) -> dict[str, Any]:
             out.float().sum().backward()
 
         runs = {"step": step}
+        counted = (step, None, None)
     else:
         from promptune.train import Trainer, TrainConfig
 
@@ -209,22 +323,38 @@ def single(spec: dict[str, Any]) -> dict[str, Any]:
                 method.set_grad_checkpointing(bool(spec.get("grad_checkpointing")))
 
         runs = {"step": step}
+        counted = (step, trainer, method)
         if spec.get("untrimmed") and text is not None:
             runs["untrimmed_step"] = step_untrimmed
         if spec.get("interleave_checkpointing"):
             runs["grad_checkpointing_step"] = step_checkpointed
+        if spec.get("sep_reference") and spec["case"] == "sep":
+            runs["reference_step"] = _reference_step(method, config, device, images, labels)
 
     memory = common.PeakMemory(device)
     for run in runs.values():
-        for _ in range(warmup):
+        for _ in range(max(warmup, 1) if counted is not None else warmup):
             run()
+    if counted is not None:  # after a warm-up step, so the optimiser state exists as in every later step
+        result.update(count_step_ops(*counted))
+    if "reference_step" in runs:
+        result["reference_aten_ops_per_step"] = common.count_ops(runs["reference_step"])
     times: dict[str, list[float]] = {name: [] for name in runs}
+    cpu_times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(steps):  # interleaved, so load drift on a shared machine hits every variant alike
         for name, run in runs.items():
+            started = time.process_time()
             times[name].append(common.timed(run, device))
+            cpu_times[name].append(time.process_time() - started)
     result.update({name: common.summary(values, batch) for name, values in times.items()})
+    # This process's CPU time per step (all its threads, in ms): on a shared machine it drifts far less than wall time.
+    result["cpu_time"] = {name: common.summary(values) for name, values in cpu_times.items()}
     if "untrimmed_step" in times:
         result["trimmed_over_untrimmed"] = common.ratio(result["step"]["median_ms"], result["untrimmed_step"]["median_ms"])
+    if "reference_step" in times:
+        result["step_over_reference_step"] = common.ratio(result["step"]["median_ms"], result["reference_step"]["median_ms"])
+        result["step_cpu_over_reference_step_cpu"] = common.ratio(
+            result["cpu_time"]["step"]["median_ms"], result["cpu_time"]["reference_step"]["median_ms"])
     if "grad_checkpointing_step" in times:
         result["grad_checkpointing_over_plain"] = common.ratio(
             result["grad_checkpointing_step"]["median_ms"], result["step"]["median_ms"])
@@ -233,6 +363,38 @@ def single(spec: dict[str, Any]) -> dict[str, Any]:
         result["memory"]["note"] = f"peak over the {', '.join(runs)} runs together"
     result["environment"] = common.environment(device, threads, amp_dtype)
     return result
+
+
+def _export_revision(revision: str) -> dict[str, str]:
+    """`promptune/` of a git revision, exported into a temporary folder (the repository itself is only read)."""
+    import subprocess
+    import tempfile
+
+    commit = subprocess.run(["git", "-C", str(common.REPO_ROOT), "rev-parse", "--short", revision],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    folder = tempfile.mkdtemp(prefix="promptune-before-")
+    archive = subprocess.run(["git", "-C", str(common.REPO_ROOT), "archive", commit, "promptune"],
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", folder], input=archive, check=True)
+    return {"code_root": folder, "code": commit}
+
+
+def _before_and_after(spec: dict[str, Any], before: dict[str, str], rounds: int,
+                      timeout: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The case on the working tree and on `before`, alternating processes for `rounds` rounds; step times pooled."""
+    runs: dict[str, list[dict[str, Any]]] = {"after": [], "before": []}
+    for _ in range(rounds):
+        runs["before"].append(common.run_isolated(SCRIPT, {**spec, **before}, timeout))
+        runs["after"].append(common.run_isolated(SCRIPT, spec, timeout))
+    merged = {}
+    for side, results in runs.items():
+        result = dict(results[0])
+        samples = [ms / 1e3 for r in results for ms in r.get("step", {}).get("samples_ms", [])]
+        if samples:
+            result["step"] = common.summary(samples, spec["batch"])
+        result["rounds"] = len(results)
+        merged[side] = result
+    return merged["after"], merged["before"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -255,6 +417,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image-size", default="320x240", help="--data-wait: WIDTHxHEIGHT of the generated JPEGs")
     parser.add_argument("--epochs", type=int, default=3, help="--data-wait: epochs of Trainer.fit (>= 2 for a steady state)")
     parser.add_argument("--workers", type=int, default=None, help="--data-wait: loader workers (default: promptune's)")
+    parser.add_argument("--sep-reference", action="store_true",
+                        help="step mode: also time promptune 0.1.0's SEP step (tests/sep_reference.py) alternating "
+                             "with the current one in SEP's process: the step-time ratio without process-to-process drift")
+    parser.add_argument("--before", metavar="REV",
+                        help="step mode: also run every method case on promptune as of git revision REV (alternating "
+                             "processes with the working tree), for before/after op counts and step times in one run")
+    parser.add_argument("--rounds", type=int, default=2, help="--before: alternating before/after rounds per method")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per isolated case")
     parser.add_argument("--single", help=argparse.SUPPRESS)
@@ -283,8 +452,14 @@ def main(argv: list[str] | None = None) -> None:
         "results": {},
     }
     environment = None
+    before = _export_revision(args.before) if args.before else None
+    if before is not None:
+        report["inputs"]["before"] = {"revision": before["code"], "rounds": args.rounds,
+                                      "how": "each method case runs on the exported revision and on the working tree "
+                                             "in alternating processes, --rounds times; step times pool all rounds"}
     for family in families:
         cases: dict[str, Any] = {}
+        before_cases: dict[str, Any] = {}
         for case in () if args.no_baselines else ("forward", "forward_backward_input"):
             cases[case] = common.run_isolated(SCRIPT, {**base, "case": case, "backbone": backbones[family]}, args.timeout)
         for method in methods:
@@ -295,8 +470,11 @@ def main(argv: list[str] | None = None) -> None:
                 cases[method] = {"note": why}
                 continue
             spec = {**base, "case": method, "backbone": backbones[family], "untrimmed": args.untrimmed,
-                    "interleave_checkpointing": args.grad_checkpointing}
-            cases[method] = common.run_isolated(SCRIPT, spec, args.timeout)
+                    "interleave_checkpointing": args.grad_checkpointing, "sep_reference": args.sep_reference}
+            if before is not None:
+                cases[method], before_cases[method] = _before_and_after(spec, before, args.rounds, args.timeout)
+            else:
+                cases[method] = common.run_isolated(SCRIPT, spec, args.timeout)
             if args.grad_checkpointing:  # its own process, so its peak memory is the checkpointed steps' alone
                 spec = {**spec, "untrimmed": False, "interleave_checkpointing": False, "grad_checkpointing": True}
                 cases[f"{method}+grad_checkpointing"] = common.run_isolated(SCRIPT, spec, args.timeout)
@@ -316,6 +494,9 @@ def main(argv: list[str] | None = None) -> None:
                 ratios[f"{method}_step_over_forward_backward_input"] = common.ratio(step, backward)
             if "trimmed_over_untrimmed" in cases[method]:
                 ratios[f"{method}_trimmed_over_untrimmed"] = cases[method]["trimmed_over_untrimmed"]
+            if "step_over_reference_step" in cases[method]:  # alternating steps in one process
+                ratios[f"{method}_step_over_reference_step"] = cases[method]["step_over_reference_step"]
+                ratios[f"{method}_step_cpu_over_reference_step_cpu"] = cases[method]["step_cpu_over_reference_step_cpu"]
             if "grad_checkpointing_over_plain" in cases[method]:  # interleaved in one process: drift hits both
                 ratios[f"{method}_grad_checkpointing_step_over_step"] = cases[method]["grad_checkpointing_over_plain"]
             checkpointed = cases.get(f"{method}+grad_checkpointing", {})
@@ -325,7 +506,19 @@ def main(argv: list[str] | None = None) -> None:
                     checkpointed_memory["peak_mb"], plain_memory["peak_mb"])
                 ratios[f"{method}_grad_checkpointing_added_by_steps_over_added_by_steps"] = common.ratio(
                     checkpointed_memory["added_by_steps_mb"], plain_memory["added_by_steps_mb"])
+            if method in before_cases:
+                old = before_cases[method]
+                ratios[f"{method}_aten_ops_over_before"] = common.ratio(
+                    cases[method].get("aten_ops_per_step"), old.get("aten_ops_per_step"))
+                ratios[f"{method}_step_over_before"] = common.ratio(step, old.get("step", {}).get("median_ms"))
+                if not args.no_baselines:
+                    ratios[f"{method}_before_step_over_forward_backward_input"] = common.ratio(
+                        old.get("step", {}).get("median_ms"), backward)
         report["results"][family] = {"cases": cases, "ratios": ratios}
+        if before_cases:
+            for case in before_cases.values():
+                case.pop("environment", None)
+            report["results"][family]["before"] = before_cases
     sep = report["results"].get("clip", {}).get("ratios", {}).get("sep_trimmed_over_untrimmed")
     if sep is not None:
         report["targets"] = {"sep_trimmed_over_untrimmed": {
