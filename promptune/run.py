@@ -24,8 +24,8 @@ from promptune.data import ImageDataset, SkippedFile, TrainingData, build_transf
 from promptune.errors import PromptuneError
 from promptune.metrics import rounded
 from promptune.methods.base import PromptMethod, overlong_note
-from promptune.methods.registry import MethodSpec, resolve_method
-from promptune.options import check_loader_options, check_number
+from promptune.methods.registry import KEEP_CHOICES, MethodSpec, TrainDefaults, resolve_method
+from promptune.options import check_choice, check_loader_options, check_number
 from promptune.reporting import Reporter
 from promptune.runtime import Runtime
 from promptune.stop import RunInterrupted, StopSignals, signal_name
@@ -52,6 +52,9 @@ class TuneOptions:
     batch_size: int | None = None
     lr: float | None = None
     weight_decay: float | None = None
+    keep: str = "last"  # which epoch's prompts are written: last, or best (validation accuracy after the warm-up)
+    recipe: str = "default"  # where the training settings the options leave out come from (registry.RECIPES)
+    ema_decay: float | None = None  # validate and write a moving average of the learned tensors (0: off)
     base_classes: float | None = None
     device: str = "auto"
     precision: str = "auto"
@@ -73,6 +76,10 @@ class TuneOptions:
         check_number("--lr", self.lr, 1e-12, 100.0)
         check_number("--weight-decay", self.weight_decay, 0.0, 100.0)
         check_number("--seed", self.seed, 0, 2**64 - 1)  # torch seeds are unsigned 64-bit
+        check_choice("--keep", self.keep, KEEP_CHOICES)
+        check_number("--ema-decay", self.ema_decay, 0.0, 1.0)
+        if self.ema_decay == 1.0:
+            raise PromptuneError("--ema-decay must be below 1 (1 would never move the average from its start), got 1.")
         if self.out.exists() and self.out.is_dir():
             raise PromptuneError(f"--out '{self.out}' is a folder; give a file name such as prompts.safetensors.")
         parent = self.out.parent if str(self.out.parent) else Path(".")
@@ -131,9 +138,10 @@ class TuneRun:
         self.runtime = Runtime.create(options.device, options.precision)
         self.spec: MethodSpec = resolve_method(options.method, options.backbone)
         self.method_config = self.spec.load().make_config(options.method_options)
+        self.defaults: TrainDefaults = self.spec.recipe(options.recipe, options.backbone, options.weights)
         self.train_config = TrainConfig.from_defaults(
-            self.spec.defaults, options.seed, epochs=options.epochs, lr=options.lr, batch_size=options.batch_size,
-            weight_decay=options.weight_decay,
+            self.defaults, options.seed, epochs=options.epochs, lr=options.lr, batch_size=options.batch_size,
+            weight_decay=options.weight_decay, keep=options.keep, ema_decay=options.ema_decay,
         )
         with StopSignals(enabled=options.handle_signals) as self.stop:
             built = self.build()
@@ -148,7 +156,7 @@ class TuneRun:
 
     @property
     def shots(self) -> int | None:
-        return self.options.shots or self.spec.defaults.shots
+        return self.options.shots or self.defaults.shots
 
     # ----- stages ----------------------------------------------------------------------------------------------------
     def build(self) -> Built:
@@ -221,7 +229,12 @@ class TuneRun:
             "lr": cfg.lr,
             "batch_size": cfg.batch_size,
             "weight_decay": cfg.weight_decay,
+            "decay_every_tensor": cfg.decay_every_tensor,
             "optimizer": cfg.optimizer,
+            "warmup_epochs": cfg.warmup_epochs,
+            "recipe": cfg.recipe,
+            "keep": cfg.keep,
+            "ema_decay": cfg.ema_decay,
             "shots": self.shots,
             "seed": cfg.seed,
             "train_images": len(data.train),
@@ -255,6 +268,7 @@ class TuneRun:
             "train": {
                 "epochs": cfg.epochs, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "batch_size": cfg.batch_size,
                 "seed": cfg.seed, "precision": self.runtime.precision, "optimizer": cfg.optimizer,
+                "recipe": cfg.recipe, "keep": cfg.keep, "ema_decay": cfg.ema_decay,
             },
             "shots": options.shots,
             "base_classes": options.base_classes,
