@@ -13,8 +13,11 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from typer.testing import CliRunner
+
 from promptune.api import tune
 from promptune.checkpoint import CheckpointError
+from promptune.cli import app
 from promptune.data import Batch
 from promptune.errors import MethodError
 from promptune.methods.registry import METHODS, RECIPES, is_mae_backbone
@@ -254,6 +257,14 @@ def test_paper_recipe_settings_per_method_and_backbone():
     with pytest.raises(MethodError, match=r"Unknown --recipe 'papers'; choose one of: default, paper\."):
         spt.recipe("papers", None, None)
     assert set(RECIPES) == {"default", "paper"}
+
+
+def test_tune_help_says_what_each_recipe_and_keep_choice_is():
+    text = " ".join(CliRunner().invoke(app, ["tune", "--help"]).output.split())
+    for name, description in RECIPES.items():
+        assert f"{name}: {' '.join(description.split())}" in text
+    assert "last (as both papers) or best" in text and "never an epoch that ends in the warm-up" in text
+    assert "--ema-decay" in text
 
 
 @pytest.mark.parametrize("backbone, weights, mae", [

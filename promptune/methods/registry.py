@@ -1,4 +1,5 @@
-"""Every prompt-tuning method in one table: its name, backbone family, class and training defaults.
+"""Every prompt-tuning method in one table: its name, backbone family, class, training defaults and the authors'
+settings (`--recipe paper`).
 
 Adding a method is its own module plus one `register(MethodSpec(...))` line here. This module does not import torch
 (the classes are imported on first use), so the CLI shows each method's defaults in --help and starts fast.
