@@ -58,6 +58,9 @@ def tune(
     batch_size: int | None = None,
     lr: float | None = None,
     weight_decay: float | None = None,
+    keep: str = "last",
+    recipe: str = "default",
+    ema_decay: float | None = None,
     base_classes: float | None = None,
     device: str = "auto",
     precision: str = "auto",
@@ -80,10 +83,16 @@ def tune(
     With `checkpoint`, the run's state is saved in `checkpoint_dir` (default: beside `out`) after every epoch and on
     SIGINT/SIGTERM (then `RunInterrupted` is raised); `resume` continues from it, ending with the same prompt tensors
     as an uninterrupted run. The checkpoint is removed once the prompt file is written.
+
+    `keep` chooses the epoch whose tensors are written: "last" (as the papers) or "best" (validation accuracy, never a
+    warm-up epoch). `recipe="paper"` takes the settings left as None from the authors' code instead of promptune's
+    defaults (`promptune.methods.registry.RECIPES`). `ema_decay` > 0 validates and writes a moving average of the
+    learned tensors, updated after every step.
     """
     run_options = TuneOptions(
         Path(data_dir), method=method, backbone=backbone, weights=weights, shots=shots, seed=seed, epochs=epochs,
-        batch_size=batch_size, lr=lr, weight_decay=weight_decay, base_classes=base_classes, device=device,
+        batch_size=batch_size, lr=lr, weight_decay=weight_decay, keep=keep, recipe=recipe, ema_decay=ema_decay,
+        base_classes=base_classes, device=device,
         precision=precision, workers=workers, out=Path(out), checkpoint=checkpoint,
         checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir is not None else None, resume=resume,
         handle_signals=handle_signals, grad_checkpointing=grad_checkpointing, compile_step=compile_step,

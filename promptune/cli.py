@@ -15,7 +15,7 @@ from promptune import DISTRIBUTION, __version__
 from promptune.backbones import FAMILIES
 from promptune.errors import PromptuneError
 from promptune.launch import launched_by_gpus, place, run_local
-from promptune.methods.registry import METHODS, default_summary
+from promptune.methods.registry import METHODS, RECIPES, default_summary
 from promptune.reporting import SilentReporter
 from promptune.stop import RunInterrupted
 
@@ -33,6 +33,10 @@ METHOD_HELP = f"auto ({_AUTO}), {', '.join(list(METHODS)[:-1])} or {list(METHODS
 BACKBONE_HELP = ("open_clip model name or config JSON (CLIP), or timm ViT name. Default: "
                  + " / ".join(f"{spec.default_backbone} ({spec.label})" for spec in FAMILIES.values()) + ".")
 DEVICE_HELP = "auto (cuda, else mps, else cpu), cuda, mps or cpu."
+RECIPE_HELP = "Where the training settings you leave out come from. " + "; ".join(
+    f"{name}: {text}" for name, text in RECIPES.items()) + "."
+KEEP_HELP = ("Which epoch's prompts are written: last (as both papers) or best (the best validation accuracy; never an "
+             "epoch that ends in the warm-up).")
 
 
 def _speaks() -> bool:
@@ -213,6 +217,9 @@ def tune(
     batch_size: Annotated[Optional[int], typer.Option(help=f"Images per step and process. Default: {default_summary('batch_size')}.", show_default=False)] = None,
     lr: Annotated[Optional[float], typer.Option(help=f"Peak learning rate. Default: {default_summary('lr')}.", show_default=False)] = None,
     weight_decay: Annotated[Optional[float], typer.Option(help="Weight decay. Default: the method's.", show_default=False)] = None,
+    recipe: Annotated[str, typer.Option(help=RECIPE_HELP)] = "default",
+    keep: Annotated[str, typer.Option(help=KEEP_HELP)] = "last",
+    ema_decay: Annotated[Optional[float], typer.Option(help="Validate and write a moving average of the learned tensors, updated after every step with this decay (e.g. 0.999). Default: 0 (off).", show_default=False)] = None,
     seed: Annotated[int, typer.Option(help="Seed for sampling, initialisation and order.")] = 0,
     base_classes: Annotated[Optional[str], typer.Option(help="Train on the first N classes in sorted order (or a fraction, e.g. 0.5) for the base-to-new protocol.", show_default=False)] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Prompt file to write.")] = Path("prompts.safetensors"),
@@ -252,7 +259,8 @@ def tune(
                           pool_window=pool_window, pool=pool)
     run_options = TuneOptions(
         data_dir, method=method, backbone=backbone, weights=weights, shots=shots, seed=seed, epochs=epochs,
-        batch_size=batch_size, lr=lr, weight_decay=weight_decay, base_classes=_guarded(lambda: _parse_base_classes(base_classes)),
+        batch_size=batch_size, lr=lr, weight_decay=weight_decay, keep=keep, recipe=recipe, ema_decay=ema_decay,
+        base_classes=_guarded(lambda: _parse_base_classes(base_classes)),
         device=device, precision=precision, workers=workers, out=out, checkpoint=not no_checkpoint,
         checkpoint_dir=checkpoint_dir, resume=resume, grad_checkpointing=grad_checkpointing, compile_step=compile_step,
         method_options={k: v for k, v in method_options.items() if v is not None},
@@ -287,6 +295,7 @@ def tune(
     if final is not None:
         val = f"{summary.best_val_acc:.1%} (best, epoch {summary.best_epoch})" if summary.best_val_acc is not None else "n/a (no validation images)"
         typer.echo(f"Final train accuracy {final.train_acc:.1%}; validation accuracy {val}.")
+        typer.echo(f"Kept the prompts of epoch {summary.kept_epoch}: {summary.kept}.")
     typer.echo(f"Wrote {result.path}")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 from promptune.errors import PromptuneError
 
@@ -20,6 +21,12 @@ def check_number(name: str, value: float | int | None, minimum: float = 1, maxim
         low = _number(minimum)
         bound = f"between {low} and {_number(maximum)}" if maximum is not None else f"at least {low}"
         raise PromptuneError(f"{name} must be {bound}, got {_number(value)}.")
+
+
+def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    """`value` of the flag `name` is one of `choices`."""
+    if value not in choices:
+        raise PromptuneError(f"Unknown {name} '{value}'; choose one of: {', '.join(choices)}.")
 
 
 def _number(value: float | int) -> str:

@@ -37,8 +37,8 @@ from promptune.data import (
 from promptune.errors import PromptuneError
 from promptune.metrics import rounded
 from promptune.methods.base import PromptMethod, overlong_note
-from promptune.methods.registry import MethodSpec, resolve_method
-from promptune.options import check_loader_options, check_number
+from promptune.methods.registry import KEEP_CHOICES, MethodSpec, TrainDefaults, resolve_method
+from promptune.options import check_choice, check_loader_options, check_number
 from promptune.reporting import Reporter
 from promptune.runtime import Runtime
 from promptune.stop import RunInterrupted, StopSignals, signal_name
@@ -65,6 +65,9 @@ class TuneOptions:
     batch_size: int | None = None
     lr: float | None = None
     weight_decay: float | None = None
+    keep: str = "last"  # which epoch's prompts are written: last, or best (validation accuracy after the warm-up)
+    recipe: str = "default"  # where the training settings the options leave out come from (registry.RECIPES)
+    ema_decay: float | None = None  # validate and write a moving average of the learned tensors (0: off)
     base_classes: float | None = None
     device: str = "auto"
     precision: str = "auto"
@@ -86,6 +89,10 @@ class TuneOptions:
         check_number("--lr", self.lr, 1e-12, 100.0)
         check_number("--weight-decay", self.weight_decay, 0.0, 100.0)
         check_number("--seed", self.seed, 0, 2**64 - 1)  # torch seeds are unsigned 64-bit
+        check_choice("--keep", self.keep, KEEP_CHOICES)
+        check_number("--ema-decay", self.ema_decay, 0.0, 1.0)
+        if self.ema_decay == 1.0:
+            raise PromptuneError("--ema-decay must be below 1 (1 would never move the average from its start), got 1.")
 
     def check_out(self) -> None:
         """--out names a file in a folder that exists."""
@@ -172,14 +179,15 @@ class TuneRun:
             self.reporter, self.log = None, quiet
         self.spec: MethodSpec = resolve_method(options.method, options.backbone)
         self.method_config = self.spec.load().make_config(options.method_options)
+        self.defaults: TrainDefaults = self.spec.recipe(options.recipe, options.backbone, options.weights)
         self.train_config = TrainConfig.from_defaults(
-            self.spec.defaults, options.seed, epochs=options.epochs, lr=options.lr, batch_size=options.batch_size,
-            weight_decay=options.weight_decay,
+            self.defaults, options.seed, epochs=options.epochs, lr=options.lr, batch_size=options.batch_size,
+            weight_decay=options.weight_decay, keep=options.keep, ema_decay=options.ema_decay,
         )
 
     @property
     def shots(self) -> int | None:
-        return self.options.shots or self.spec.defaults.shots
+        return self.options.shots or self.defaults.shots
 
     # ----- stages ----------------------------------------------------------------------------------------------------
     def build(self) -> Built:
@@ -281,7 +289,12 @@ class TuneRun:
             "lr": cfg.lr,
             "batch_size": cfg.batch_size,
             "weight_decay": cfg.weight_decay,
+            "decay_every_tensor": cfg.decay_every_tensor,
             "optimizer": cfg.optimizer,
+            "warmup_epochs": cfg.warmup_epochs,
+            "recipe": cfg.recipe,
+            "keep": cfg.keep,
+            "ema_decay": cfg.ema_decay,
             "shots": self.shots,
             "seed": cfg.seed,
             "train_images": len(data.train),
@@ -316,6 +329,7 @@ class TuneRun:
             "train": {
                 "epochs": cfg.epochs, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "batch_size": cfg.batch_size,
                 "seed": cfg.seed, "precision": self.runtime.precision, "optimizer": cfg.optimizer,
+                "recipe": cfg.recipe, "keep": cfg.keep, "ema_decay": cfg.ema_decay,
             },
             "shots": options.shots,
             "base_classes": options.base_classes,

@@ -1,13 +1,15 @@
-"""The training loop every method shares: optimiser, warm-up + cosine schedule, AMP on CUDA, validation, keep-best."""
+"""The training loop every method shares: optimiser, warm-up + cosine schedule, AMP on CUDA, validation, which epoch
+is kept (last or best), and an optional moving average of the learned tensors."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -34,6 +36,10 @@ class TrainConfig:
     warmup_lr: float = 1e-5  # lr during a constant warm-up
     optimizer: str = "adamw"  # "adam" | "adamw" | "sgd"
     eps: float = 1e-8  # Adam epsilon
+    keep: str = "last"  # "last": the last epoch's tensors are kept; "best": the best validated one after the warm-up
+    decay_every_tensor: bool = False  # weight_decay on every learned tensor, one group (else the method's groups)
+    ema_decay: float = 0.0  # > 0: validate and keep a moving average of the learned tensors (see ParameterEMA)
+    recipe: str = "default"  # the recipe these settings came from (promptune.methods.registry.RECIPES)
     seed: int = 0  # seeds python, torch and the loader order
 
     @classmethod
@@ -66,6 +72,8 @@ class TrainSummary:
     best_val_acc: float | None = None
     seconds: float = 0.0
     skipped_images: int = 0  # images the loader could not decode during training
+    kept_epoch: int = 0  # the epoch whose tensors the run ended with (set when `fit` returns)
+    kept: str = ""  # why that epoch, in words
 
     @property
     def final(self) -> EpochStats | None:
@@ -79,6 +87,8 @@ class TrainSummary:
             "best_val_acc": self.best_val_acc,
             "final_train_acc": last.train_acc if last else None,
             "final_train_loss": last.train_loss if last else None,
+            "kept_epoch": self.kept_epoch,
+            "kept": self.kept,
             "seconds": round(self.seconds, 2),
         }
 
@@ -137,10 +147,22 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, cfg: TrainConfig) 
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+def schedule_steps(cfg: TrainConfig, steps_per_epoch: int) -> tuple[int, int]:
+    """(total steps, warm-up steps): steps 0 .. warm-up - 1 run at the warm-up lr; at least the last step does not."""
     total = max(1, cfg.epochs * steps_per_epoch)
-    warmup = min(total - 1, int(round(cfg.warmup_epochs * steps_per_epoch)))
+    return total, min(total - 1, int(round(cfg.warmup_epochs * steps_per_epoch)))
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    total, warmup = schedule_steps(cfg, steps_per_epoch)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup, cfg))
+
+
+def optimizer_groups(method: PromptMethod, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """The method's own parameter groups, or one group decaying every learned tensor (`cfg.decay_every_tensor`)."""
+    if cfg.decay_every_tensor:
+        return [{"params": list(trainable_parameters(method).values()), "weight_decay": cfg.weight_decay}]
+    return method.param_groups(cfg.weight_decay)
 
 
 def _to_device(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,6 +210,39 @@ def trainable_parameters(method: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in method.named_parameters() if p.requires_grad}
 
 
+class ParameterEMA:
+    """An exponential moving average of parameters: after every optimiser step, for decay d,
+    average <- d * average + (1 - d) * parameter (timm's ModelEmaV2 rule, applied to the learned tensors only).
+    It starts at the parameters' values when it is made."""
+
+    def __init__(self, parameters: dict[str, nn.Parameter], decay: float) -> None:
+        self.parameters = parameters
+        self.decay = decay
+        self.average = {name: p.detach().clone() for name, p in parameters.items()}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for name, p in self.parameters.items():
+            self.average[name].lerp_(p.detach(), 1.0 - self.decay)
+
+    @torch.no_grad()
+    def copy_to_parameters(self) -> None:
+        for name, p in self.parameters.items():
+            p.copy_(self.average[name])
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        """Inside the block the parameters hold the average; after it, their own values again."""
+        own = {name: p.detach().clone() for name, p in self.parameters.items()}
+        self.copy_to_parameters()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, p in self.parameters.items():
+                    p.copy_(own[name])
+
+
 @dataclass
 class EpochProgress:
     """The running totals of the epoch in progress; a checkpoint taken mid-epoch stores them."""
@@ -218,7 +273,13 @@ def _never() -> bool:
 
 
 class Trainer:
-    """One training run. `fit` runs the epochs left; `state`/`restore` make it resumable after any step."""
+    """One training run. `fit` runs the epochs left; `state`/`restore` make it resumable after any step.
+
+    Which tensors a run ends with: those after the last epoch (`keep="last"`, as both papers), or after the epoch
+    of best validation accuracy (`keep="best"`; ties go to the later epoch). A warm-up epoch, one whose last step
+    still ran at the warm-up lr, is never chosen: on a small validation split it can score best by chance. With
+    `ema_decay`, validation, the best snapshot and the final tensors are the moving average's.
+    """
 
     def __init__(self, method: PromptMethod, cfg: TrainConfig, runtime: Runtime, steps_per_epoch: int,
                  compile_step: bool = False) -> None:
@@ -228,8 +289,13 @@ class Trainer:
         self.forward: nn.Module = torch.compile(wrapped) if compile_step else wrapped
         self.cfg = cfg
         self.runtime = runtime
-        self.optimizer = build_optimizer(method.param_groups(cfg.weight_decay), cfg)
+        self.optimizer = build_optimizer(optimizer_groups(method, cfg), cfg)
         self.schedule = build_schedule(self.optimizer, cfg, steps_per_epoch)
+        self.warmup_steps = schedule_steps(cfg, steps_per_epoch)[1]
+        self.ema: ParameterEMA | None = None
+        if cfg.ema_decay > 0:
+            self.ema = ParameterEMA(trainable_parameters(method), cfg.ema_decay)
+            self.optimizer.register_step_post_hook(lambda *_: self.ema.update())  # a step the scaler skips is none
         use_scaler = runtime.device.type == "cuda" and runtime.amp_dtype == torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
         self.summary = TrainSummary()
@@ -288,16 +354,49 @@ class Trainer:
         progress.seconds = seconds_before + time.perf_counter() - start
         return True
 
+    def kept_weights(self) -> contextlib.AbstractContextManager:
+        """The tensors a run validates and keeps: the moving average's with `ema_decay`, else the parameters'."""
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
+
+    def validate(self, loader: Iterable[Batch] | None) -> float | None:
+        if loader is None:
+            return None
+        with self.kept_weights():
+            return accuracy(self.method, loader, self.runtime)
+
+    def in_warmup(self) -> bool:
+        """Whether the last optimiser step so far ran at the warm-up lr."""
+        return self.schedule.last_epoch <= self.warmup_steps
+
     def end_epoch(self, stats: EpochStats) -> None:
         self.summary.epochs.append(stats)
         self.epoch = stats.epoch
         self.progress = EpochProgress()
-        score = stats.val_acc
-        best = self.summary.best_val_acc
-        if score is None or best is None or score >= best:
-            self.summary.best_val_acc = score
-            self.summary.best_epoch = stats.epoch
-            self.best_state = _snapshot(self.method)
+        score, best = stats.val_acc, self.summary.best_val_acc
+        if score is None or self.in_warmup() or (best is not None and score < best):
+            return
+        self.summary.best_val_acc = score
+        self.summary.best_epoch = stats.epoch
+        if self.cfg.keep == "best":
+            with self.kept_weights():
+                self.best_state = _snapshot(self.method)
+
+    def _keep(self) -> None:
+        """End on the kept epoch's tensors, and say which epoch that is and why."""
+        summary, last = self.summary, self.epoch
+        average = f", as the moving average of the learned tensors (decay {self.cfg.ema_decay:g})" if self.ema else ""
+        if self.best_state is not None:
+            self.method.load_learned_state(self.best_state)
+            summary.kept_epoch = summary.best_epoch
+            summary.kept = f"the best validation accuracy after the warm-up (--keep best){average}"
+            return
+        if self.ema is not None:
+            self.ema.copy_to_parameters()
+        summary.kept_epoch = last
+        if self.cfg.keep == "best":
+            summary.kept = f"the last epoch: --keep best had no validation accuracy after the warm-up{average}"
+        else:
+            summary.kept = f"the last epoch (--keep last){average}"
 
     def _start_epoch(self, epoch: int, loader: Iterable[Batch]) -> None:
         """Fresh epochs reseed from (seed, epoch); a resumed one keeps the RNG state its checkpoint restored."""
@@ -325,7 +424,7 @@ class Trainer:
                 if checkpoint is not None:
                     checkpoint(self)
                 raise TrainingStopped(epoch, self.progress.step)
-            val_acc = accuracy(self.method, val_loader, self.runtime) if val_loader is not None else None
+            val_acc = self.validate(val_loader)
             p = self.progress
             stats = EpochStats(epoch, p.loss_sum / max(p.seen, 1), p.correct / max(p.seen, 1), val_acc, p.seconds,
                                p.seen / max(p.seconds, 1e-9), p.wait / max(p.seconds, 1e-9))
@@ -336,8 +435,7 @@ class Trainer:
             if self.runtime.any(should_stop()) and epoch < self.cfg.epochs:
                 self.summary.seconds += time.perf_counter() - started
                 raise TrainingStopped(epoch + 1, 0)
-        if self.best_state is not None:
-            self.method.load_learned_state(self.best_state)
+        self._keep()
         self.summary.seconds += time.perf_counter() - started
         self.method.eval()
         return self.summary
@@ -348,6 +446,8 @@ class Trainer:
         tensors = {f"param.{name}": _cpu(p) for name, p in trainable_parameters(self.method).items()}
         for name, value in (self.best_state or {}).items():
             tensors[f"best.{name}"] = _cpu(value)
+        for name, value in (self.ema.average if self.ema is not None else {}).items():
+            tensors[f"ema.{name}"] = _cpu(value)
         optimizer = self.optimizer.state_dict()
         scalars: dict[str, dict[str, Any]] = {}
         for index, entries in optimizer["state"].items():
@@ -383,6 +483,10 @@ class Trainer:
                 p.copy_(tensors[f"param.{name}"])
         if meta["has_best"]:
             self.best_state = {name: tensors[f"best.{name}"].to(self.runtime.device) for name in self.method.learned_state()}
+        if self.ema is not None:
+            with torch.no_grad():
+                for name, average in self.ema.average.items():
+                    average.copy_(tensors[f"ema.{name}"])
         optimizer_state: dict[int, dict[str, Any]] = {}
         for key, value in tensors.items():
             if key.startswith("optimizer."):
