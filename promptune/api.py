@@ -19,9 +19,9 @@ from promptune.data import (
     Preprocess,
     build_transform,
     check_distinct_class_names,
-    images_in,
     load_eval_data,
     make_loader,
+    prediction_items,
     prompt_name,
 )
 from promptune.errors import BackboneError, DataError, MethodError, PromptFileError
@@ -264,14 +264,25 @@ class TunedModel:
         pin = self.runtime.device.type == "cuda"
         return make_loader(ImageDataset(items, self.transform), batch_size, shuffle=False, workers=workers, pin_memory=pin)
 
-    def predict(self, paths: Sequence[str], top_k: int = 5, classes: Sequence[str] | None = None, batch_size: int = 32,
+    def predict(self, inputs: Any, top_k: int = 5, classes: Sequence[str] | None = None, batch_size: int = 32,
                 workers: int | None = None) -> tuple[list[Prediction], list[str]]:
-        """Top-k predictions for images, folders or globs; returns (predictions, problems)."""
+        """The top-k classes of each image.
+
+        `inputs` is one input or a list of them: a path (str or Path) of an image file, a folder (its images,
+        recursively) or a glob pattern; a PIL image; or an image tensor, (C, H, W) or a batch (B, C, H, W), RGB or one
+        channel, uint8 in [0, 255] or float in [0, 1] and *not* normalised: tensors and PIL images get the same resize,
+        crop and normalisation as image files (a float tensor is rounded to 8 bits first, as a saved PNG would be).
+        Anything else is a `PromptuneError` naming its type.
+
+        Returns `(predictions, problems)`. `predictions` holds one `Prediction` per readable image, in input order (a
+        folder's images sorted): `path` (the file, or "<image N>" for the N-th in-memory image), `labels` (the top-k
+        class names, best first) and `probabilities` (their softmax probabilities over all the classes classified
+        into). `problems` holds one sentence per input that gave no prediction (no such file, a folder without images,
+        an unreadable image).
+        """
         check_predict_options(top_k, batch_size, workers)
         names = self.set_classes(classes)
-        found, missing = images_in(paths)
-        problems = [f"{m}: no such file or image." for m in missing]
-        items = [ImageItem(path, 0) for path in found]
+        items, problems = prediction_items(inputs)
         predictions: list[Prediction] = []
         if items:
             k = min(top_k, len(names))

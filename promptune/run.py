@@ -21,11 +21,11 @@ from promptune.artifact import PromptFile, save_prompt_file
 from promptune.backbones import Backbone, load_backbone
 from promptune.checkpoint import Checkpoint, CheckpointPolicy, file_fingerprint
 from promptune.data import ImageDataset, SkippedFile, TrainingData, build_transform, load_training_data, make_loader
-from promptune.errors import PromptuneError
 from promptune.metrics import rounded
 from promptune.methods.base import PromptMethod, overlong_note
 from promptune.methods.registry import MethodSpec, resolve_method
 from promptune.options import check_loader_options, check_number
+from promptune.outputs import RunLock, check_out_target
 from promptune.reporting import Reporter
 from promptune.runtime import Runtime
 from promptune.stop import RunInterrupted, StopSignals, signal_name
@@ -73,11 +73,7 @@ class TuneOptions:
         check_number("--lr", self.lr, 1e-12, 100.0)
         check_number("--weight-decay", self.weight_decay, 0.0, 100.0)
         check_number("--seed", self.seed, 0, 2**64 - 1)  # torch seeds are unsigned 64-bit
-        if self.out.exists() and self.out.is_dir():
-            raise PromptuneError(f"--out '{self.out}' is a folder; give a file name such as prompts.safetensors.")
-        parent = self.out.parent if str(self.out.parent) else Path(".")
-        if not parent.is_dir():
-            raise PromptuneError(f"--out folder '{parent}' does not exist.")
+        check_out_target(self.out, self.data_dir)
 
 
 @dataclass
@@ -125,8 +121,12 @@ class TuneRun:
         self.policy = CheckpointPolicy.for_run(options.out, options.checkpoint_dir, options.checkpoint, options.resume)
 
     def run(self) -> TuneResult:
+        self.options.check()
+        with RunLock(self.options.out, self.log):  # one run per prompt file, from the checkpoint check to the last write
+            return self._run()
+
+    def _run(self) -> TuneResult:
         options = self.options
-        options.check()
         self.policy.check()
         self.runtime = Runtime.create(options.device, options.precision)
         self.spec: MethodSpec = resolve_method(options.method, options.backbone)

@@ -37,7 +37,6 @@ from promptune.train import Trainer
 from conftest import TINY_CLIP_CONFIG, make_clip_files, make_shape_folder
 
 runner = CliRunner()
-SENTINEL = b"the user's previous prompt file\n"
 TOP = 10**30  # an absurd number: parses as an int, far beyond any sensible value
 
 
@@ -473,7 +472,7 @@ CASES = {
     "classes-file-empty": Case(classes_file(b"\n  \n"), 1, ("--classes-file", "has no class names")),
     "classes-file-not-utf8": Case(classes_file(b"caf\xe9\n"), 1, ("Cannot read --classes-file", "can't decode")),
     "classes-file-missing": Case(predict_with("--classes-file", "nope.txt"), 1, ("Cannot read --classes-file 'nope.txt'",)),
-    "predict-missing-path-among-good-ones": Case(predict_among_missing, 1, ("missing.png: no such file or image",),
+    "predict-missing-path-among-good-ones": Case(predict_among_missing, 1, ("missing.png: no such file or folder",),
                                                  check=predicted("000.png", "001.png")),
     "predict-unreadable-image-among-good-ones": Case(predict_among_unreadable, 1,
                                                      ("broken.png: unreadable image", "not a recognised image format"),
@@ -536,7 +535,7 @@ def _assert_error_line(result: Any, case: Case) -> None:
         assert word in line, f"{word!r} not in {line!r}"
 
 
-def _assert_ok(result: Any, case: Case, e: Env, command: str) -> None:
+def _assert_ok(result: Any, case: Case, e: Env, command: str, previous: bytes) -> None:
     assert result.exit_code == 0, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
     assert "Traceback" not in result.output
     assert "Error:" not in result.stderr, result.stderr
@@ -549,7 +548,9 @@ def _assert_ok(result: Any, case: Case, e: Env, command: str) -> None:
     elif command == "tune":
         assert json.loads(result.stdout)["skipped_files"] == 0
     if command == "tune":
-        load_prompt_file(e.tmp / "out" / "prompts.safetensors")  # the new file replaced the old one completely
+        out = e.tmp / "out" / "prompts.safetensors"
+        load_prompt_file(out)  # the new file replaced the old one completely
+        assert out.read_bytes() != previous
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -557,7 +558,8 @@ def test_bad_input(name: str, env: Env) -> None:
     case = CASES[name]
     out_folder = env.tmp / "out"
     out_folder.mkdir()
-    (out_folder / "prompts.safetensors").write_bytes(SENTINEL)
+    previous = env.prompts.read_bytes()  # the user's earlier prompt file: only a successful tune may replace it
+    (out_folder / "prompts.safetensors").write_bytes(previous)
     args = _args(env, case.build(env))
     if case.code != 0:
         def no_training(*_args: object, **_kwargs: object) -> None:
@@ -566,13 +568,13 @@ def test_bad_input(name: str, env: Env) -> None:
         env.monkeypatch.setattr(Trainer, "fit", no_training)
     result = runner.invoke(app, args)
     if case.code == 0:
-        _assert_ok(result, case, env, args[0])
+        _assert_ok(result, case, env, args[0], previous)
     else:
         _assert_error_line(result, case)
         if case.check is None:
             assert result.stdout == "", "a failed command printed results"
         if args[0] == "tune":
-            assert (out_folder / "prompts.safetensors").read_bytes() == SENTINEL, "the existing --out file changed"
+            assert (out_folder / "prompts.safetensors").read_bytes() == previous, "the existing --out file changed"
             assert sorted(p.name for p in out_folder.iterdir()) == ["prompts.safetensors"], "a stray file beside --out"
     if case.check is not None:
         case.check(result, env)
