@@ -25,6 +25,7 @@ from promptune.data import (
     prompt_name,
 )
 from promptune.errors import BackboneError, DataError, MethodError, PromptFileError
+from promptune.fileio import content_id
 from promptune.methods import get_method
 from promptune.methods.base import PromptMethod, overlong_note
 from promptune.metrics import (
@@ -122,6 +123,7 @@ class EvalReport:
     zero_shot_balanced_accuracy: float | None = None
     split: str = "all"  # the images evaluated: "test" (test/), "val" (val/, no test/) or "all" (the whole folder)
     new_classes: list[str] = field(default_factory=list)  # evaluated classes the prompt file was not trained on
+    training_images: int | None = None  # evaluated images it was trained on (None: the prompt file does not record them)
 
     @property
     def balanced_accuracy(self) -> float | None:
@@ -153,6 +155,7 @@ class EvalReport:
             "top5": self.top5,
             "per_class": self.per_class,
             "new_classes": self.new_classes,
+            "training_images": self.training_images,
         }
         if self.zero_shot_top1 is not None:
             result.update(zero_shot_top1=self.zero_shot_top1,
@@ -334,7 +337,11 @@ class TunedModel:
             misclassified=[{"path": str(data.items[i].path), "true": names[int(t)], "predicted": names[int(p)]}
                            for i, t, p in zip(all_index, labels, predicted) if t != p],
             split=data.split, new_classes=self._new_classes(data.class_names),
+            training_images=self._training_images(data.items),
         )
+        if report.training_images:
+            self.on_warning(f"{report.training_images} of the {len(data.items)} evaluated images were used to train "
+                            f"this prompt file, so these figures overstate its accuracy on new images.")
         zs_logits = torch.cat(all_zs) if all_zs else None
         if zs_logits is not None:
             report.zero_shot_top1 = topk_accuracy(zs_logits, labels, 1)
@@ -347,6 +354,14 @@ class TunedModel:
             if zs_logits is not None:
                 report.zero_shot_base_new = BaseNew.compute(zs_logits, labels, base, new)
         return report
+
+    def _training_images(self, items: list[ImageItem]) -> int | None:
+        """How many of `items` have the content of a training image (None: the prompt file does not record them)."""
+        recorded = self.prompt_file.training.get("train_image_sha256")
+        if not isinstance(recorded, list):
+            return None
+        trained = set(recorded)
+        return sum(content_id(item.path) in trained for item in items)
 
     def _advance(self, batch: Batch, total: int) -> None:
         if self.on_progress is not None:

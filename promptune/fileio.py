@@ -8,7 +8,7 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 MARKER_NAME = ".promptune"  # in every folder promptune creates (checkpoint, report); such folders are never data
 _CAUSES = {
@@ -57,10 +57,13 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def short_content_hashes(paths: Iterable[Path], digits: int = 12) -> list[str]:
-    """The first `digits` hex digits of each file's sha256, sorted: enough to recognise the same images later (48 bits:
-    a chance match between 100,000 training and 100,000 evaluated images is about 1 in 30,000), 12 bytes each."""
-    return sorted(file_sha256(path)[:digits] for path in paths)
+def content_id(path: Path, digits: int = 12) -> str | None:
+    """The first `digits` hex digits of the file's sha256 (None if it cannot be read): enough to recognise the same
+    image later. With 48 bits, a chance match between 100,000 training and 100,000 other images is about 1 in 30,000."""
+    try:
+        return file_sha256(path)[:digits]
+    except OSError:
+        return None
 
 
 def write_problem(folder: Path) -> str | None:

@@ -18,9 +18,10 @@ from torch.utils.data import DataLoader
 
 from promptune import __version__
 from promptune.artifact import PromptFile, save_prompt_file
-from promptune.backbones import Backbone, load_backbone
+from promptune.backbones import FAMILIES, Backbone, load_backbone
 from promptune.checkpoint import Checkpoint, CheckpointPolicy, file_fingerprint
 from promptune.data import ImageDataset, SkippedFile, TrainingData, build_transform, load_training_data, make_loader
+from promptune.fileio import content_id
 from promptune.metrics import rounded
 from promptune.methods.base import PromptMethod, overlong_note
 from promptune.methods.registry import MethodSpec, resolve_method
@@ -159,7 +160,7 @@ class TuneRun:
             self.log(f"warning: skipped {skipped.path} ({skipped.reason})")
         for warning in data.warnings:
             self.log(f"warning: {warning}")
-        self.log(f"loading backbone {options.backbone or '(default)'} ...")
+        self.log(f"loading backbone {options.backbone or FAMILIES[self.spec.family].default_backbone} ...")
         backbone = load_backbone(options.backbone, options.weights, family=self.spec.family)
         seed_everything(options.seed)
         model = self.spec.load()(backbone, data.class_names, self.method_config).to(runtime.device)
@@ -225,6 +226,8 @@ class TuneRun:
             "shots": self.shots,
             "seed": cfg.seed,
             "train_images": len(data.train),
+            # a few bytes per image (about 16 in the JSON), so that `eval` can say when it is shown training images
+            "train_image_sha256": sorted(filter(None, (content_id(item.path) for item in data.train))),
             "val_images": len(data.val),
             "skipped_files": len(data.skipped) + summary.skipped_images,
             "data_dir": self.options.data_dir.name,

@@ -357,3 +357,23 @@ def test_predict_on_a_folder_without_images_says_so(prompts, tmp_path):
     result = runner.invoke(app, ["predict", str(folder), "--prompts", str(prompts), "--device", "cpu", "-q"])
     assert result.exit_code == 1
     assert f"Error: {folder}: a folder with no images (2 files of other types skipped)." in result.stderr
+
+
+# --------------------------------------------------------------------------------------- evaluating training images
+
+
+def test_the_prompt_file_recognises_its_training_images_and_eval_warns(prompts, shape_folder, shape_test_folder):
+    """`eval` on the training folder reported inflated figures without a word."""
+    recorded = load_prompt_file(prompts).training["train_image_sha256"]
+    on_disk = {fileio.file_sha256(path)[:12] for path in shape_folder.rglob("*.png")}
+    assert len(recorded) == load_prompt_file(prompts).training["train_images"] == 6  # 2 shots x 3 classes
+    assert recorded == sorted(recorded) and set(recorded) <= on_disk and all(len(h) == 12 for h in recorded)
+
+    args = ["--prompts", str(prompts), "--device", "cpu", "--workers", "0", "--json", "--no-zero-shot"]
+    on_training = runner.invoke(app, ["eval", str(shape_folder), *args])
+    assert on_training.exit_code == 0, on_training.output
+    assert json.loads(on_training.stdout)["training_images"] == 6
+    assert ("warning: 6 of the 36 evaluated images were used to train this prompt file, so these figures overstate "
+            "its accuracy on new images.") in on_training.stderr
+    on_new = runner.invoke(app, ["eval", str(shape_test_folder), *args])
+    assert json.loads(on_new.stdout)["training_images"] == 0 and "warning" not in on_new.stderr
