@@ -195,6 +195,25 @@ def _resolve_weights(stored: dict[str, Any], weights: str | None) -> str | None:
     )
 
 
+_SEPARATORS = (";", "|", "\t")  # what else people separate lists with
+
+
+def _separator_in(name: str) -> str | None:
+    return next((separator for separator in _SEPARATORS if separator in name), None)
+
+
+def _check_class_list(names: list[str]) -> None:
+    """One class name would be every image's answer with 100%: mostly a list written with the wrong separator."""
+    if len(names) > 1:
+        return
+    separator = _separator_in(names[0])
+    if separator:
+        raise MethodError(f"--classes '{names[0]}' is one class name, since names are separated by commas, not "
+                          f"'{separator}'; write '{names[0].replace(separator, ',')}'.")
+    raise MethodError(f"--classes names one class ('{names[0]}'), which every image would get with 100%; give at "
+                      f"least two, separated by commas.")
+
+
 class TunedModel:
     """A prompt file loaded onto its backbone, ready to classify."""
 
@@ -241,22 +260,37 @@ class TunedModel:
         return [name for name in folder_classes if name not in trained]
 
     def set_classes(self, class_names: Sequence[str] | None) -> list[str]:
+        """Classify into `class_names` (predict's --classes; CLIP methods), or the trained classes when None."""
         names = list(class_names) if class_names else self.trained_classes
         if not names or all(not prompt_name(n) for n in names):
-            raise MethodError("--classes is empty; give at least one class name.")
+            raise MethodError("--classes is empty; give at least two class names, separated by commas.")
         if any(not prompt_name(n) for n in names):
             raise MethodError("--classes has an empty class name; give every class a name.")
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise MethodError(f"--classes has duplicate names: {', '.join(duplicates)}.")
         if class_names:
+            _check_class_list(names)
             check_distinct_class_names(names, "--classes names", "give each class once", MethodError)
+            for name in names:
+                separator = _separator_in(name)
+                if separator:
+                    self._warn_once(f"class name '{name}' contains '{separator}'; --classes separates names with "
+                                    f"commas, so if it is several classes, write '{name.replace(separator, ',')}'.")
+        return self._use_classes(names)
+
+    def _use_classes(self, names: list[str]) -> list[str]:
         self.method.set_classes(names)
         note = overlong_note(self.method)
-        if note and note not in self._warned:  # once per message, not once per predict call
-            self._warned.add(note)
-            self.on_warning(note)
+        if note:
+            self._warn_once(note)
         return names
+
+    def _warn_once(self, message: str) -> None:
+        """Once per message, not once per predict call."""
+        if message not in self._warned:
+            self._warned.add(message)
+            self.on_warning(message)
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
@@ -370,7 +404,7 @@ class TunedModel:
     def _eval_classes(self, folder_classes: list[str]) -> tuple[list[str], dict[int, int]]:
         """Class list to classify into, and folder label -> column."""
         if self.method.open_vocabulary:
-            self.set_classes(folder_classes)
+            self._use_classes(folder_classes)  # class folders: distinct and named, checked when they were read
             return folder_classes, {i: i for i in range(len(folder_classes))}
         unknown = [c for c in folder_classes if c not in self.trained_classes]
         if unknown:
@@ -378,7 +412,7 @@ class TunedModel:
                 f"Class folder(s) {', '.join(unknown)} were not among the {len(self.trained_classes)} trained classes; "
                 f"a '{self.prompt_file.method}' prompt file only knows its trained classes."
             )
-        self.set_classes(None)
+        self._use_classes(self.trained_classes)
         return self.trained_classes, {i: self.trained_classes.index(c) for i, c in enumerate(folder_classes)}
 
     def _zero_shot(self, names: list[str]):

@@ -8,6 +8,7 @@ they are decoded, skipped and reported; at evaluation time the loader drops them
 from __future__ import annotations
 
 import errno
+import functools
 import glob
 import hashlib
 import math
@@ -180,7 +181,7 @@ def _refuse_oversized(path: Path, image: Image.Image) -> None:
 
 
 def _bomb_reason(width: int, height: int, limit: int) -> str:
-    return f"{width}x{height} pixels is over the decompression-bomb limit of {limit} pixels"
+    return f"{width}x{height} pixels is over the decompression-bomb limit of {limit} pixels; --max-image-pixels raises it"
 
 
 def _reason(error: Exception) -> str:
@@ -188,7 +189,8 @@ def _reason(error: Exception) -> str:
         # Pillow refuses on open, from the header alone: "Image size (N pixels) exceeds limit of ... pixels, ..."
         found = re.search(r"\((\d+) pixels\)", str(error))
         size = f"{found.group(1)} pixels" if found else "the image size"
-        return f"{size} is over the decompression-bomb limit of {Image.MAX_IMAGE_PIXELS} pixels"
+        return (f"{size} is over the decompression-bomb limit of {Image.MAX_IMAGE_PIXELS} pixels; "
+                f"--max-image-pixels raises it")
     if isinstance(error, FileNotFoundError):
         return "file not found"
     if isinstance(error, PermissionError):
@@ -289,6 +291,26 @@ def images_under(folder: Path) -> list[Path]:
             except OSError:  # e.g. a symlink into a folder we may not read
                 continue
     return sorted(found)
+
+
+UPSCALE_WARNING = 8  # training images upscaled more than this many times (1x1 px, say) are worth a warning
+
+
+def small_image_note(paths: Sequence[Path], size: int) -> str | None:
+    """One warning when images are much smaller than the backbone's input `size` (their shorter side under
+    size / UPSCALE_WARNING pixels), or None. Reads the image headers only."""
+    limit = size / UPSCALE_WARNING
+    small = 0
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                small += min(image.size) < limit
+        except Exception:  # noqa: BLE001 - unreadable files were skipped (and reported) when the images were chosen
+            continue
+    if not small:
+        return None
+    return (f"{small} of the {len(paths)} training images are under {limit:g} px on their shorter side, while the "
+            f"backbone sees {size} px: they are upscaled more than {UPSCALE_WARNING}x, which leaves little to learn from.")
 
 
 def _check_is_folder(root: Path, what: str) -> None:
@@ -724,12 +746,23 @@ def make_loader(
         pin_memory=pin_memory,
         drop_last=drop_last,
         collate_fn=collate_skipping,
-        worker_init_fn=_ignore_stop_signals if workers > 0 else None,
+        worker_init_fn=functools.partial(_init_worker, Image.MAX_IMAGE_PIXELS) if workers > 0 else None,
     )
 
 
-def _ignore_stop_signals(_: int) -> None:
-    """Loader workers leave Ctrl-C / SIGTERM to the main process, which stops the run cleanly and shuts them down."""
+def set_max_image_pixels(limit: int | None) -> None:
+    """--max-image-pixels: larger images are skipped as decompression bombs (None: Pillow's default, 89,478,485).
+
+    It sets Pillow's own `PIL.Image.MAX_IMAGE_PIXELS` for this process, which Python users may set directly; loaders
+    made afterwards carry it into their worker processes."""
+    if limit is not None:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+def _init_worker(max_image_pixels: int | None, _: int) -> None:
+    """A loader worker decodes with the main process's pixel limit (a spawned worker would start from Pillow's
+    default) and leaves Ctrl-C / SIGTERM to the main process, which stops the run cleanly and shuts it down."""
+    Image.MAX_IMAGE_PIXELS = max_image_pixels
     for name in ("SIGINT", "SIGTERM"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_IGN)

@@ -20,7 +20,15 @@ from promptune import __version__
 from promptune.artifact import PromptFile, save_prompt_file
 from promptune.backbones import FAMILIES, Backbone, load_backbone
 from promptune.checkpoint import Checkpoint, CheckpointPolicy, file_fingerprint
-from promptune.data import ImageDataset, SkippedFile, TrainingData, build_transform, load_training_data, make_loader
+from promptune.data import (
+    ImageDataset,
+    SkippedFile,
+    TrainingData,
+    build_transform,
+    load_training_data,
+    make_loader,
+    small_image_note,
+)
 from promptune.fileio import content_id
 from promptune.metrics import rounded
 from promptune.methods.base import PromptMethod, overlong_note
@@ -162,6 +170,9 @@ class TuneRun:
             self.log(f"warning: {warning}")
         self.log(f"loading backbone {options.backbone or FAMILIES[self.spec.family].default_backbone} ...")
         backbone = load_backbone(options.backbone, options.weights, family=self.spec.family)
+        small = small_image_note([item.path for item in data.train], backbone.preprocess.size)
+        if small:
+            self.log(f"warning: {small}")
         seed_everything(options.seed)
         model = self.spec.load()(backbone, data.class_names, self.method_config).to(runtime.device)
         model.set_grad_checkpointing(options.grad_checkpointing)

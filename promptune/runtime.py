@@ -13,9 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from promptune.errors import DeviceError
-
-DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
-PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
+from promptune.options import DEVICE_CHOICES, PRECISION_CHOICES
 
 
 def _mps_available() -> bool:

@@ -146,7 +146,11 @@ def test_the_probe_connects_to_the_endpoint_and_names_what_failed(monkeypatch, o
 
 def test_the_probe_gives_up_after_its_timeout(monkeypatch, online):
     monkeypatch.setattr(hub, "PROBE_TIMEOUT_S", 0.2)
-    monkeypatch.setattr(socket, "create_connection", lambda *_args, **_kwargs: time.sleep(5))  # a resolver that hangs
+    def hang(*_args, **_kwargs) -> socket.socket:  # a resolver that takes its time
+        time.sleep(1)
+        return socket.socket()
+
+    monkeypatch.setattr(socket, "create_connection", hang)
     started = time.monotonic()
     reason = hub.unreachable_reason(hub.HubWeights("x / y", "org/repo", ("model.safetensors",)))
     assert reason == "huggingface.co did not answer within 0.2 s" and time.monotonic() - started < 2

@@ -101,6 +101,7 @@ def load(name: str, weights: str | None, stored_config: dict[str, Any] | None = 
             valid = ", ".join(tags) if tags else "none (use --weights PATH)"
             raise BackboneError(f"Unknown weights tag '{weights}' for {name}; valid tags: {valid}.")
     pretrained = str(local) if local is not None else weights
+    shown_name = Path(name).name if config_path else name
     tag_config = open_clip.get_pretrained_cfg(model_name, weights) if local is None else {}
     hub = _hub_weights(name, str(weights), tag_config) if local is None else None
     try:
@@ -111,7 +112,9 @@ def load(name: str, weights: str | None, stored_config: dict[str, Any] | None = 
     except RuntimeError as error:
         if hub is not None and ("download" in str(error).lower() or "hub" in str(error).lower()):
             raise BackboneError(download_failed(hub, error)) from None
-        raise BackboneError(weights_mismatch(str(local or weights), name, error)) from None
+        raise BackboneError(weights_mismatch(str(weights), shown_name, error)) from None
+    except AssertionError as error:  # open_clip's checkpoint conversions assert shapes ("text pos_embed width changed!")
+        raise BackboneError(weights_mismatch(str(weights), shown_name, error)) from None
     except (OSError, ValueError, KeyError) as error:
         if hub is not None:
             raise BackboneError(download_failed(hub, error)) from None
@@ -128,7 +131,7 @@ def load(name: str, weights: str | None, stored_config: dict[str, Any] | None = 
     )
     return Backbone(
         family="clip",
-        name=Path(name).name if config_path else name,
+        name=shown_name,
         weights=local.name if local else weights,
         model=model,
         preprocess=preprocess,

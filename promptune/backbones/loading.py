@@ -88,4 +88,4 @@ def _quoted_keys(match: re.Match[str] | None) -> list[str]:
 
 def _first_line(error: BaseException) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0].rstrip(":.") if lines else type(error).__name__
+    return lines[0].rstrip(":.!") if lines else type(error).__name__

@@ -68,7 +68,7 @@ def load(name: str, weights: str | None, stored_config: dict[str, Any] | None = 
     except RuntimeError as error:
         if hub is not None and "state_dict" not in str(error):
             raise BackboneError(download_failed(hub, error)) from None
-        raise BackboneError(weights_mismatch(str(local or weights), name, error)) from None
+        raise BackboneError(weights_mismatch(str(weights), name, error)) from None
     except (OSError, ValueError, KeyError) as error:
         if hub is not None:
             raise BackboneError(download_failed(hub, error)) from None
