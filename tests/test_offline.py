@@ -204,3 +204,10 @@ def test_timm_weights_in_the_cache_load_with_no_network(online, sockets_refused,
     assert backbone.weights == "r160_in1k" and backbone.preprocess.size == 160  # the tag's own pretrained config
     for name, value in reference.state_dict().items():
         assert torch.equal(backbone.model.state_dict()[name], value), name
+
+
+def test_a_tag_the_architecture_lacks_is_named_not_downloaded(online, no_network, shape_folder):
+    line = _one_sentence(runner.invoke(app, ["tune", str(shape_folder), "--backbone", "vit_base_patch16_224.bogus",
+                                             "--device", "cpu", "--shots", "2"]))
+    assert line.startswith("Error: Unknown weights tag 'bogus' for vit_base_patch16_224; valid tags: augreg2_in21k_ft_in1k")
+    assert no_network == []

@@ -29,12 +29,22 @@ def owns(name: str) -> bool:
     return timm.is_model(name)
 
 
+def _valid_tags(name: str) -> str:
+    import timm
+
+    return ", ".join(t.split(".", 1)[1] for t in timm.list_pretrained(f"{name.split('.')[0]}.*")) or "none"
+
+
 def _hub_weights(model_name: str) -> HubWeights | None:
     """The hub file timm downloads for `model_name` (its default tag when it names none); None without weights."""
     from timm.models import get_pretrained_cfg
     from timm.models import _hub as timm_hub
 
-    cfg = get_pretrained_cfg(model_name)
+    try:
+        cfg = get_pretrained_cfg(model_name)
+    except RuntimeError:  # a tag in the name that the architecture does not have: "vit_base_patch16_224.bogus"
+        arch, _, tag = model_name.partition(".")
+        raise BackboneError(f"Unknown weights tag '{tag}' for {arch}; valid tags: {_valid_tags(arch)}.") from None
     if cfg is None:
         return None
     label = f"{model_name.split('.')[0]} / {cfg.tag}"
@@ -59,8 +69,7 @@ def load(name: str, weights: str | None, stored_config: dict[str, Any] | None = 
     elif weights is not None:
         model_name = f"{name.split('.')[0]}.{weights}"
         if not timm.is_model_pretrained(model_name):
-            valid = ", ".join(t.split(".", 1)[1] for t in timm.list_pretrained(f"{name.split('.')[0]}.*")) or "none"
-            raise BackboneError(f"Unknown weights tag '{weights}' for {name}; valid tags: {valid}.")
+            raise BackboneError(f"Unknown weights tag '{weights}' for {name}; valid tags: {_valid_tags(name)}.")
     hub = _hub_weights(model_name) if local is None else None
     try:
         with quiet_libraries(), hub_access(hub) if hub is not None else contextlib.nullcontext():
