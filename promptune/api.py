@@ -20,12 +20,13 @@ from promptune.data import (
     build_transform,
     check_distinct_class_names,
     default_workers,
-    images_in,
     load_eval_data,
     make_loader,
+    prediction_items,
     prompt_name,
 )
 from promptune.errors import BackboneError, DataError, MethodError, PromptFileError
+from promptune.fileio import content_id
 from promptune.methods import get_method
 from promptune.methods.base import PromptMethod, overlong_note
 from promptune.metrics import (
@@ -132,6 +133,7 @@ class EvalReport:
     zero_shot_balanced_accuracy: float | None = None
     split: str = "all"  # the images evaluated: "test" (test/), "val" (val/, no test/) or "all" (the whole folder)
     new_classes: list[str] = field(default_factory=list)  # evaluated classes the prompt file was not trained on
+    training_images: int | None = None  # evaluated images it was trained on (None: the prompt file does not record them)
 
     @property
     def balanced_accuracy(self) -> float | None:
@@ -163,6 +165,7 @@ class EvalReport:
             "top5": self.top5,
             "per_class": self.per_class,
             "new_classes": self.new_classes,
+            "training_images": self.training_images,
         }
         if self.zero_shot_top1 is not None:
             result.update(zero_shot_top1=self.zero_shot_top1,
@@ -222,6 +225,25 @@ class Scored:
         return cls(sorted(indices), outputs, failed)
 
 
+_SEPARATORS = (";", "|", "\t")  # what else people separate lists with
+
+
+def _separator_in(name: str) -> str | None:
+    return next((separator for separator in _SEPARATORS if separator in name), None)
+
+
+def _check_class_list(names: list[str]) -> None:
+    """One class name would be every image's answer with 100%: mostly a list written with the wrong separator."""
+    if len(names) > 1:
+        return
+    separator = _separator_in(names[0])
+    if separator:
+        raise MethodError(f"--classes '{names[0]}' is one class name, since names are separated by commas, not "
+                          f"'{separator}'; write '{names[0].replace(separator, ',')}'.")
+    raise MethodError(f"--classes names one class ('{names[0]}'), which every image would get with 100%; give at "
+                      f"least two, separated by commas.")
+
+
 class TunedModel:
     """A prompt file loaded onto its backbone, ready to classify."""
 
@@ -268,22 +290,37 @@ class TunedModel:
         return [name for name in folder_classes if name not in trained]
 
     def set_classes(self, class_names: Sequence[str] | None) -> list[str]:
+        """Classify into `class_names` (predict's --classes; CLIP methods), or the trained classes when None."""
         names = list(class_names) if class_names else self.trained_classes
         if not names or all(not prompt_name(n) for n in names):
-            raise MethodError("--classes is empty; give at least one class name.")
+            raise MethodError("--classes is empty; give at least two class names, separated by commas.")
         if any(not prompt_name(n) for n in names):
             raise MethodError("--classes has an empty class name; give every class a name.")
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise MethodError(f"--classes has duplicate names: {', '.join(duplicates)}.")
         if class_names:
+            _check_class_list(names)
             check_distinct_class_names(names, "--classes names", "give each class once", MethodError)
+            for name in names:
+                separator = _separator_in(name)
+                if separator:
+                    self._warn_once(f"class name '{name}' contains '{separator}'; --classes separates names with "
+                                    f"commas, so if it is several classes, write '{name.replace(separator, ',')}'.")
+        return self._use_classes(names)
+
+    def _use_classes(self, names: list[str]) -> list[str]:
         self.method.set_classes(names)
         note = overlong_note(self.method)
-        if note and note not in self._warned:  # once per message, not once per predict call
-            self._warned.add(note)
-            self.on_warning(note)
+        if note:
+            self._warn_once(note)
         return names
+
+    def _warn_once(self, message: str) -> None:
+        """Once per message, not once per predict call."""
+        if message not in self._warned:
+            self._warned.add(message)
+            self.on_warning(message)
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
@@ -321,14 +358,25 @@ class TunedModel:
         share = Scored(indices, {name: torch.cat(values) for name, values in outputs.items()}, failed)
         return Scored.merge(self.runtime.gather(share))
 
-    def predict(self, paths: Sequence[str], top_k: int = 5, classes: Sequence[str] | None = None, batch_size: int = 32,
+    def predict(self, inputs: Any, top_k: int = 5, classes: Sequence[str] | None = None, batch_size: int = 32,
                 workers: int | None = None) -> tuple[list[Prediction], list[str]]:
-        """Top-k predictions for images, folders or globs; returns (predictions, problems)."""
+        """The top-k classes of each image.
+
+        `inputs` is one input or a list of them: a path (str or Path) of an image file, a folder (its images,
+        recursively) or a glob pattern; a PIL image; or an image tensor, (C, H, W) or a batch (B, C, H, W), RGB or one
+        channel, uint8 in [0, 255] or float in [0, 1] and *not* normalised: tensors and PIL images get the same resize,
+        crop and normalisation as image files (a float tensor is rounded to 8 bits first, as a saved PNG would be).
+        Anything else is a `PromptuneError` naming its type.
+
+        Returns `(predictions, problems)`. `predictions` holds one `Prediction` per readable image, in input order (a
+        folder's images sorted): `path` (the file, or "<image N>" for the N-th in-memory image), `labels` (the top-k
+        class names, best first) and `probabilities` (their softmax probabilities over all the classes classified
+        into). `problems` holds one sentence per input that gave no prediction (no such file, a folder without images,
+        an unreadable image).
+        """
         check_predict_options(top_k, batch_size, workers)
         names = self.set_classes(classes)
-        found, missing = images_in(paths)
-        problems = [f"{m}: no such file or image." for m in missing]
-        items = [ImageItem(path, 0) for path in found]
+        items, problems = prediction_items(inputs)
         if not items:
             return [], problems
         k = min(top_k, len(names))
@@ -377,7 +425,11 @@ class TunedModel:
             misclassified=[{"path": str(data.items[i].path), "true": names[int(t)], "predicted": names[int(p)]}
                            for i, t, p in zip(scored.indices, labels, predicted) if t != p],
             split=data.split, new_classes=self._new_classes(data.class_names),
+            training_images=self._training_images(data.items),
         )
+        if report.training_images:
+            self.on_warning(f"{report.training_images} of the {len(data.items)} evaluated images were used to train "
+                            f"this prompt file, so these figures overstate its accuracy on new images.")
         zs_logits = scored.outputs.get("zero_shot")
         if zs_logits is not None:
             report.zero_shot_top1 = topk_accuracy(zs_logits, labels, 1)
@@ -391,10 +443,18 @@ class TunedModel:
                 report.zero_shot_base_new = BaseNew.compute(zs_logits, labels, base, new)
         return report
 
+    def _training_images(self, items: list[ImageItem]) -> int | None:
+        """How many of `items` have the content of a training image (None: the prompt file does not record them)."""
+        recorded = self.prompt_file.training.get("train_image_sha256")
+        if not isinstance(recorded, list):
+            return None
+        trained = set(recorded)
+        return sum(content_id(item.path) in trained for item in items)
+
     def _eval_classes(self, folder_classes: list[str]) -> tuple[list[str], dict[int, int]]:
         """Class list to classify into, and folder label -> column."""
         if self.method.open_vocabulary:
-            self.set_classes(folder_classes)
+            self._use_classes(folder_classes)  # class folders: distinct and named, checked when they were read
             return folder_classes, {i: i for i in range(len(folder_classes))}
         unknown = [c for c in folder_classes if c not in self.trained_classes]
         if unknown:
@@ -402,7 +462,7 @@ class TunedModel:
                 f"Class folder(s) {', '.join(unknown)} were not among the {len(self.trained_classes)} trained classes; "
                 f"a '{self.prompt_file.method}' prompt file only knows its trained classes."
             )
-        self.set_classes(None)
+        self._use_classes(self.trained_classes)
         return self.trained_classes, {i: self.trained_classes.index(c) for i, c in enumerate(folder_classes)}
 
     def _zero_shot(self, names: list[str]):

@@ -78,6 +78,17 @@ def _check_container(path: Path) -> None:
         raise PromptFileError(f"'{path}' is not a promptune prompt file (not a valid safetensors file).")
 
 
+def is_prompt_file(path: str | Path) -> bool:
+    """Whether `path` is a promptune prompt file, from its safetensors header alone (no tensor is read)."""
+    try:
+        _check_container(Path(path))
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            meta = handle.metadata()
+    except (PromptFileError, SafetensorError, OSError, ValueError, RuntimeError, struct.error):
+        return False
+    return bool(meta) and meta.get("format") == FORMAT_NAME
+
+
 def _decode_metadata(path: Path, meta: dict[str, str] | None) -> dict[str, Any]:
     if not meta or meta.get("format") != FORMAT_NAME:
         raise PromptFileError(f"'{path}' is a safetensors file but not a promptune prompt file.")

@@ -1,6 +1,7 @@
 """Run checkpoints for `tune --resume`: a folder beside the prompt file with one safetensors file and one JSON index.
 
     prompts.checkpoint/
+        .promptune                           # marks the folder as promptune's: never read as a class folder
         checkpoint.json                      # what run this is, where it stopped, optimiser/schedule scalars, sha256
         state-e0003-s0000-1a2b3c4d.safetensors  # learned + training-only parameters, best-so-far, optimiser, RNG
 
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from promptune.errors import PromptuneError
-from promptune.fileio import atomic_write, file_sha256
+from promptune.fileio import MARKER_NAME, atomic_write, file_sha256, mark_folder, write_problem
 
 FORMAT_NAME = "promptune.checkpoint"
 FORMAT_VERSION = 1
@@ -71,9 +71,10 @@ class CheckpointPolicy:
             raise CheckpointError("--resume needs the run's checkpoint; drop --no-checkpoint.")
         if self.resume and not has_checkpoint(folder):
             raise CheckpointError(f"Nothing to resume: there is no checkpoint in '{folder}'.")
-        if self.enabled and not _writable(folder):
+        problem = write_problem(folder) if self.enabled else None
+        if problem is not None:
             raise CheckpointError(
-                f"Cannot write checkpoints in '{folder}' (permission denied); pass --checkpoint-dir DIR or --no-checkpoint."
+                f"Cannot write checkpoints in '{folder}' ({problem}); pass --checkpoint-dir DIR or --no-checkpoint."
             )
         if not self.resume and self.enabled and has_checkpoint(folder):
             raise CheckpointError(
@@ -104,14 +105,6 @@ class CheckpointPolicy:
             remove_checkpoint(self.folder)
 
 
-def _writable(folder: Path) -> bool:
-    """Could `folder` be written (or created under its nearest existing parent)?"""
-    existing = folder.absolute()
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    return os.access(existing, os.W_OK | os.X_OK)
-
-
 def has_checkpoint(folder: Path) -> bool:
     return (folder / INDEX_NAME).is_file()
 
@@ -120,6 +113,7 @@ def save_checkpoint(folder: Path, checkpoint: Checkpoint) -> Path:
     """Write `checkpoint` into `folder` (created if needed) so that a crash at any point leaves a whole checkpoint."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        mark_folder(folder, "checkpoint")  # a checkpoint inside DATA_DIR is never read as a class folder
         position = checkpoint.trainer["epoch"], checkpoint.trainer["progress"]["step"]
         state_path = folder / f"state-e{position[0]:04d}-s{position[1]:06d}-{secrets.token_hex(4)}.safetensors"
         tensors = {name: t.detach().to("cpu").contiguous() for name, t in checkpoint.tensors.items()}
@@ -180,6 +174,7 @@ def remove_checkpoint(folder: Path) -> None:
         state.unlink(missing_ok=True)
     for leftover in folder.glob(".*.tmp"):  # temp files of a write that a SIGKILL interrupted
         leftover.unlink(missing_ok=True)
+    (folder / MARKER_NAME).unlink(missing_ok=True)
     try:
         folder.rmdir()
     except OSError:

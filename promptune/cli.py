@@ -3,21 +3,47 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any, Callable, Optional, Sequence
 
+import PIL.Image
 import typer
 
 from promptune import DISTRIBUTION, __version__
 from promptune.backbones import FAMILIES
 from promptune.errors import PromptuneError
 from promptune.launch import launched_by_gpus, place, run_local
-from promptune.methods.registry import METHODS, RECIPES, default_summary
+from promptune.methods.registry import METHOD_OPTIONS, METHODS, RECIPES, default_summary, method_choices
+from promptune.options import DEVICE_CHOICES, PRECISION_CHOICES, check_number
 from promptune.reporting import SilentReporter
 from promptune.stop import RunInterrupted
+
+
+class Command(typer.core.TyperCommand):
+    """Each promptune command. --help shows no Python types: options show their metavar (`--epochs N`,
+    `--device [auto|cuda|...]`) and arguments their name only (typer would add `<path>` or `<list[str]>`). A reader
+    that stops early (`promptune predict ... | head`) ends the command quietly with exit 0 (Click would exit 1)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if isinstance(param, typer.core.TyperArgument):
+                param.display_type_rich = lambda ctx: None  # type: ignore[method-assign]
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            result = super().invoke(ctx)
+            sys.stdout.flush()  # a closed pipe shows here, not in Python's last flush at exit
+            return result
+        except BrokenPipeError:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # what is still buffered goes nowhere, without a complaint
+            raise typer.Exit(0) from None
+
 
 app = typer.Typer(
     name="promptune",
@@ -29,14 +55,44 @@ app = typer.Typer(
 )
 
 _AUTO = ", ".join(f"{spec.default_method} for {spec.label}" for spec in FAMILIES.values())
-METHOD_HELP = f"auto ({_AUTO}), {', '.join(list(METHODS)[:-1])} or {list(METHODS)[-1]}."
+METHOD_HELP = f"auto: {_AUTO}."
 BACKBONE_HELP = ("open_clip model name or config JSON (CLIP), or timm ViT name. Default: "
                  + " / ".join(f"{spec.default_backbone} ({spec.label})" for spec in FAMILIES.values()) + ".")
-DEVICE_HELP = "auto (cuda, else mps, else cpu), cuda, mps or cpu."
+DEVICE_HELP = "auto: cuda, else mps, else cpu; cuda:N for one GPU of several."
+PRECISION_HELP = "auto: bf16 (or fp16) autocast on CUDA, fp32 elsewhere."
+MAX_PIXELS_HELP = (f"Images over this many pixels are skipped as decompression bombs. Default: Pillow's "
+                   f"{PIL.Image.MAX_IMAGE_PIXELS} (e.g. {math.isqrt(PIL.Image.MAX_IMAGE_PIXELS)} px square).")
 RECIPE_HELP = "Where the training settings you leave out come from. " + "; ".join(
     f"{name}: {text}" for name, text in RECIPES.items()) + "."
 KEEP_HELP = ("Which epoch's prompts are written: last (as both papers) or best (the best validation accuracy; never an "
              "epoch that ends in the warm-up).")
+
+
+def _choices(values: Sequence[str]) -> str:
+    """A metavar listing an option's values: [auto|cuda|mps|cpu]."""
+    return "[" + "|".join(values) + "]"
+
+
+METHOD_METAVAR = _choices(method_choices())
+DEVICE_METAVAR = _choices((*DEVICE_CHOICES[:2], "cuda:N", *DEVICE_CHOICES[2:]))
+PRECISION_METAVAR = _choices(PRECISION_CHOICES)
+
+
+def _method_option(field: str) -> Any:
+    """The typer option of a method's own setting (--n-ctx, --depth, ...), help and values from the registry."""
+    option = METHOD_OPTIONS[field]
+    return typer.Option(option.flag, help=option.help_text(), metavar=option.metavar, show_default=False)
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def _set_max_image_pixels(limit: Optional[int]) -> None:
+    from promptune.data import set_max_image_pixels
+
+    check_number("--max-image-pixels", limit, 1)
+    set_max_image_pixels(limit)
 
 
 def _speaks() -> bool:
@@ -133,8 +189,7 @@ class ProgressReporter:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.progress = Progress(
-            TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.3f}  acc {task.fields[acc]:.1%}  {task.fields[ips]:.0f} img/s"),
+            TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
             TimeRemainingColumn(), console=_stderr_console(), transient=True,
         )
         self.task = None
@@ -156,10 +211,12 @@ class ProgressReporter:
             self.progress.start()
         else:
             self.progress.remove_task(self.task)
-        self.task = self.progress.add_task("train", total=steps, epoch=f"{epoch}/{epochs}", loss=0.0, acc=0.0, ips=0.0)
+        # no figures until the epoch's first step has some (never "loss 0.000  acc 0.0%  0 img/s")
+        self.task = self.progress.add_task("train", total=steps, epoch=f"{epoch}/{epochs}", stats="")
 
     def step(self, loss: float, acc: float, images_per_s: float) -> None:
-        self.progress.update(self.task, advance=1, loss=loss, acc=acc, ips=images_per_s)
+        stats = f"loss {loss:.3f}  acc {acc:.1%}  {images_per_s:.0f} img/s"
+        self.progress.update(self.task, advance=1, stats=stats)
 
     def epoch_end(self, stats) -> None:
         val = f", val acc {stats.val_acc:.1%}" if stats.val_acc is not None else ""
@@ -206,42 +263,43 @@ def _parse_base_classes(value: Optional[str]) -> Optional[float]:
     return int(number) if number >= 1 and number.is_integer() else number
 
 
-@app.command()
+@app.command(cls=Command)
 def tune(
     data_dir: Annotated[Path, typer.Argument(help="Folder with one sub-folder of images per class (or train/ val/ test/ splits).", show_default=False, metavar="DATA_DIR")],
-    method: Annotated[str, typer.Option(help=METHOD_HELP)] = "auto",
-    backbone: Annotated[Optional[str], typer.Option(help=BACKBONE_HELP, show_default=False)] = None,
-    weights: Annotated[Optional[str], typer.Option(help="Pretrained tag (e.g. openai, laion2b_s34b_b88k) or a local weights file (.safetensors/.bin/.pt/.pth).", show_default=False)] = None,
-    shots: Annotated[Optional[int], typer.Option(help=f"Training images per class (k-shot). Default: {default_summary('shots')}.", show_default=False)] = None,
-    epochs: Annotated[Optional[int], typer.Option(help=f"Training epochs. Default: {default_summary('epochs')}.", show_default=False)] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help=f"Images per step and process. Default: {default_summary('batch_size')}.", show_default=False)] = None,
-    lr: Annotated[Optional[float], typer.Option(help=f"Peak learning rate. Default: {default_summary('lr')}.", show_default=False)] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(help="Weight decay. Default: the method's.", show_default=False)] = None,
-    recipe: Annotated[str, typer.Option(help=RECIPE_HELP)] = "default",
-    keep: Annotated[str, typer.Option(help=KEEP_HELP)] = "last",
-    ema_decay: Annotated[Optional[float], typer.Option(help="Validate and write a moving average of the learned tensors, updated after every step with this decay (e.g. 0.999). Default: 0 (off).", show_default=False)] = None,
-    seed: Annotated[int, typer.Option(help="Seed for sampling, initialisation and order.")] = 0,
-    base_classes: Annotated[Optional[str], typer.Option(help="Train on the first N classes in sorted order (or a fraction, e.g. 0.5) for the base-to-new protocol.", show_default=False)] = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Prompt file to write.")] = Path("prompts.safetensors"),
-    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
-    precision: Annotated[str, typer.Option(help="auto (bf16/fp16 autocast on CUDA, fp32 elsewhere), fp32, bf16 or fp16.")] = "auto",
-    workers: Annotated[Optional[int], typer.Option(help="Data-loading worker processes. Default: from the CPU count.", show_default=False)] = None,
-    gpus: Annotated[Optional[int], typer.Option(help="Train in this many processes on this machine, one per GPU (with --device cpu: CPU processes), started through PyTorch's launcher; --batch-size is per process.", show_default=False)] = None,
-    n_ctx: Annotated[Optional[int], typer.Option(help="[sep, coop] Learned text context tokens (sep 6, coop 16).", show_default=False)] = None,
-    ctx_init: Annotated[Optional[str], typer.Option(help="[coop] Initialise the context from a phrase, e.g. 'a photo of a'.", show_default=False)] = None,
-    n_ctx_v: Annotated[Optional[int], typer.Option(help="[sep] Learned visual prompt tokens (4).", show_default=False)] = None,
-    template: Annotated[Optional[list[str]], typer.Option(help="[sep] Hand-crafted template of the frozen text branch and of eval's zero-shot baseline, '{}' where the class name goes ('a photo of a {}.'). Repeat the option to average several templates' text features.", show_default=False)] = None,
-    depth: Annotated[Optional[str], typer.Option(help="[spt, vpt] deep (prompts at every layer) or shallow (input only).", show_default=False)] = None,
-    prompts_per_layer: Annotated[Optional[int], typer.Option(help="[spt, vpt] Prompt tokens per layer (20 deep, 100 shallow).", show_default=False)] = None,
-    init: Annotated[Optional[str], typer.Option(help="[spt] Prompt initialisation: random, mean, max or kmeans token prototypes.", show_default=False)] = None,
-    init_images: Annotated[Optional[int], typer.Option(help="[spt] Images sampled for the prototype initialisation (default all).", show_default=False)] = None,
-    pool_window: Annotated[Optional[int], typer.Option(help="[spt] Tokens per window for --init mean/max (default: P near-equal windows per image).", show_default=False)] = None,
-    pool: Annotated[Optional[str], typer.Option(help="[spt, vpt] Head pooling: token, avg or map (the backbone's attention pool); also max, avgmax. Default: the backbone's own.", show_default=False)] = None,
+    method: Annotated[str, typer.Option(help=METHOD_HELP, metavar=METHOD_METAVAR)] = "auto",
+    backbone: Annotated[Optional[str], typer.Option(help=BACKBONE_HELP, metavar="NAME", show_default=False)] = None,
+    weights: Annotated[Optional[str], typer.Option(help="Pretrained tag (e.g. openai, laion2b_s34b_b88k) or a local weights file (.safetensors/.bin/.pt/.pth).", metavar="TAG|FILE", show_default=False)] = None,
+    shots: Annotated[Optional[int], typer.Option(help=f"Training images per class (k-shot). Default: {default_summary('shots')}.", metavar="K", show_default=False)] = None,
+    epochs: Annotated[Optional[int], typer.Option(help=f"Training epochs. Default: {default_summary('epochs')}.", metavar="N", show_default=False)] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help=f"Images per step and process. Default: {default_summary('batch_size')}.", metavar="N", show_default=False)] = None,
+    lr: Annotated[Optional[float], typer.Option(help=f"Peak learning rate. Default: {default_summary('lr')}.", metavar="LR", show_default=False)] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help=f"Weight decay. Default: {default_summary('weight_decay')}.", metavar="WD", show_default=False)] = None,
+    recipe: Annotated[str, typer.Option(help=RECIPE_HELP, metavar=_choices(tuple(RECIPES)))] = "default",
+    keep: Annotated[str, typer.Option(help=KEEP_HELP, metavar="[last|best]")] = "last",
+    ema_decay: Annotated[Optional[float], typer.Option(help="Validate and write a moving average of the learned tensors, updated after every step with this decay (e.g. 0.999). Default: 0 (off).", metavar="D", show_default=False)] = None,
+    seed: Annotated[int, typer.Option(help="Seed for sampling, initialisation and order.", metavar="S")] = 0,
+    base_classes: Annotated[Optional[str], typer.Option(help="Train on the first N classes in sorted order (or a fraction, e.g. 0.5) for the base-to-new protocol.", metavar="N|FRACTION", show_default=False)] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Prompt file to write (it may replace an earlier prompt file, never another file).", metavar="FILE")] = Path("prompts.safetensors"),
+    device: Annotated[str, typer.Option(help=DEVICE_HELP, metavar=DEVICE_METAVAR)] = "auto",
+    precision: Annotated[str, typer.Option(help=PRECISION_HELP, metavar=PRECISION_METAVAR)] = "auto",
+    workers: Annotated[Optional[int], typer.Option(help="Data-loading worker processes. Default: from the CPU count.", metavar="N", show_default=False)] = None,
+    gpus: Annotated[Optional[int], typer.Option(help="Train in this many processes on this machine, one per GPU (with --device cpu: CPU processes), started through PyTorch's launcher; --batch-size is per process.", metavar="N", show_default=False)] = None,
+    n_ctx: Annotated[Optional[int], _method_option("n_ctx")] = None,
+    ctx_init: Annotated[Optional[str], _method_option("ctx_init")] = None,
+    n_ctx_v: Annotated[Optional[int], _method_option("n_ctx_v")] = None,
+    template: Annotated[Optional[list[str]], _method_option("template")] = None,
+    depth: Annotated[Optional[str], _method_option("depth")] = None,
+    prompts_per_layer: Annotated[Optional[int], _method_option("prompts_per_layer")] = None,
+    init: Annotated[Optional[str], _method_option("init")] = None,
+    init_images: Annotated[Optional[int], _method_option("init_images")] = None,
+    pool_window: Annotated[Optional[int], _method_option("pool_window")] = None,
+    pool: Annotated[Optional[str], _method_option("pool")] = None,
     grad_checkpointing: Annotated[bool, typer.Option("--grad-checkpointing", help="Recompute the frozen blocks' activations in the backward pass: less memory, ~1.3x step time (large backbones).")] = False,
     compile_step: Annotated[bool, typer.Option("--compile", help="Run the training step through torch.compile (CUDA; the first steps are slow while it compiles).")] = False,
-    checkpoint_dir: Annotated[Optional[Path], typer.Option(help="Folder for the per-epoch checkpoint. Default: beside --out (prompts.checkpoint/).", show_default=False)] = None,
+    checkpoint_dir: Annotated[Optional[Path], typer.Option(help="Folder for the per-epoch checkpoint. Default: beside --out (prompts.checkpoint/).", metavar="DIR", show_default=False)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run whose checkpoint is in --checkpoint-dir (same data and options).")] = False,
     no_checkpoint: Annotated[bool, typer.Option("--no-checkpoint", help="Do not save checkpoints (Ctrl-C then loses the run).")] = False,
+    max_image_pixels: Annotated[Optional[int], typer.Option(help=MAX_PIXELS_HELP, metavar="N", show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the final summary.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the run summary as one JSON object.")] = False,
 ) -> None:
@@ -253,6 +311,7 @@ def tune(
     from promptune.run import TuneOptions, TuneRun
 
     _silence_followers()
+    _guarded(lambda: _set_max_image_pixels(max_image_pixels))
     templates = (template[0] if len(template) == 1 else template) if template else None  # one stays a plain string
     method_options = dict(n_ctx=n_ctx, ctx_init=ctx_init, n_ctx_v=n_ctx_v, template=templates, depth=depth,
                           prompts_per_layer=prompts_per_layer, init=init, init_images=init_images,
@@ -269,11 +328,15 @@ def tune(
         _start_processes(gpus, run_options)
     reporter = ProgressReporter() if _show_progress(quiet) else (LineReporter() if not quiet and not json_output else None)
     log = (lambda m: None) if quiet else _warn
-    try:
-        result = _guarded(lambda: TuneRun(run_options, reporter, log).run())
-    finally:
-        if reporter is not None:
-            reporter.close()
+
+    def run() -> Any:
+        try:
+            return TuneRun(run_options, reporter, log).run()
+        finally:  # the progress line ends before any message ("Interrupted by SIGINT ...", an error) is printed
+            if reporter is not None:
+                reporter.close()
+
+    result = _guarded(run)
     summary = result.summary
     final = summary.final
     if json_output:
@@ -289,7 +352,7 @@ def tune(
     if result.processes > 1:
         where = f"{result.processes} processes on {result.device}, {result.cpu_threads} CPU threads each"
     typer.echo(f"Trained {result.method} on {result.backbone} ({where}) "
-               f"for {len(summary.epochs)} epochs in {summary.seconds:.1f} s.")
+               f"for {_plural(len(summary.epochs), 'epoch')} in {summary.seconds:.1f} s.")
     typer.echo(f"Images per class: {counts}; validation images: {result.val_images}; "
                f"skipped files: {len(result.skipped) + summary.skipped_images}.")
     if final is not None:
@@ -324,19 +387,20 @@ def _pct(value: Optional[float], decimals: int = 1) -> str:
     return "n/a" if value is None else f"{value:.{decimals}%}"
 
 
-@app.command("eval")
+@app.command("eval", cls=Command)
 def evaluate(
     data_dir: Annotated[Path, typer.Argument(help="Folder with one sub-folder of images per class (test/ used when present).", show_default=False, metavar="DATA_DIR")],
-    prompts: Annotated[Path, typer.Option("--prompts", "-p", help="Prompt file written by `promptune tune`.", show_default=False)],
-    backbone: Annotated[Optional[str], typer.Option(help="Override the backbone named in the prompt file (must be the same).", show_default=False)] = None,
-    weights: Annotated[Optional[str], typer.Option(help="Local weights file, when the prompt file was tuned on one.", show_default=False)] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 64,
-    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
-    precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16.")] = "auto",
-    workers: Annotated[Optional[int], typer.Option(help="Data-loading worker processes.", show_default=False)] = None,
+    prompts: Annotated[Path, typer.Option("--prompts", "-p", help="Prompt file written by `promptune tune`.", metavar="FILE", show_default=False)],
+    backbone: Annotated[Optional[str], typer.Option(help="Override the backbone named in the prompt file (must be the same).", metavar="NAME", show_default=False)] = None,
+    weights: Annotated[Optional[str], typer.Option(help="Local weights file, when the prompt file was tuned on one.", metavar="FILE", show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.", metavar="N")] = 64,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP, metavar=DEVICE_METAVAR)] = "auto",
+    precision: Annotated[str, typer.Option(help=PRECISION_HELP, metavar=PRECISION_METAVAR)] = "auto",
+    workers: Annotated[Optional[int], typer.Option(help="Data-loading worker processes. Default: from the CPU count.", metavar="N", show_default=False)] = None,
     zero_shot: Annotated[bool, typer.Option("--zero-shot/--no-zero-shot", help="Also report zero-shot CLIP for comparison, with the prompt file's templates (sep) or 'a photo of a {}.'.")] = True,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-    report_dir: Annotated[Optional[Path], typer.Option("--report", help="Write metrics.json, per_class.csv, confusion.png and misclassified.csv here.", show_default=False)] = None,
+    report_dir: Annotated[Optional[Path], typer.Option("--report", help="Write metrics.json, per_class.csv, confusion.png and misclassified.csv into this folder (new, or one of promptune's reports).", metavar="DIR", show_default=False)] = None,
+    max_image_pixels: Annotated[Optional[int], typer.Option(help=MAX_PIXELS_HELP, metavar="N", show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No header line, no progress bar.")] = False,
 ) -> None:
     """Accuracy of a prompt file on a labelled folder: top-1, balanced accuracy, the majority-class baseline, top-5
@@ -346,6 +410,7 @@ def evaluate(
 
     _silence_followers()
     _guarded(lambda: check_loader_options(batch_size, workers))
+    _guarded(lambda: _set_max_image_pixels(max_image_pixels))
     if report_dir is not None:
         from promptune.report import prepare_report_dir
 
@@ -403,21 +468,22 @@ def _read_classes(classes: Optional[str], classes_file: Optional[Path]) -> Optio
     return None
 
 
-@app.command()
+@app.command(cls=Command)
 def predict(
     paths: Annotated[list[str], typer.Argument(help="Images, folders or glob patterns.", show_default=False, metavar="PATH")],
-    prompts: Annotated[Path, typer.Option("--prompts", "-p", help="Prompt file written by `promptune tune`.", show_default=False)],
-    top_k: Annotated[int, typer.Option(help="How many classes to show per image.")] = 5,
-    classes: Annotated[Optional[str], typer.Option(help="Comma-separated class names to classify into instead of the trained ones (CLIP methods).", show_default=False)] = None,
-    classes_file: Annotated[Optional[Path], typer.Option(help="File with one class name per line (CLIP methods).", show_default=False)] = None,
-    backbone: Annotated[Optional[str], typer.Option(help="Override the backbone named in the prompt file (must be the same).", show_default=False)] = None,
-    weights: Annotated[Optional[str], typer.Option(help="Local weights file, when the prompt file was tuned on one.", show_default=False)] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 32,
-    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "auto",
-    precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16.")] = "auto",
-    workers: Annotated[Optional[int], typer.Option(help="Data-loading worker processes.", show_default=False)] = None,
+    prompts: Annotated[Path, typer.Option("--prompts", "-p", help="Prompt file written by `promptune tune`.", metavar="FILE", show_default=False)],
+    top_k: Annotated[int, typer.Option(help="How many classes to show per image.", metavar="K")] = 5,
+    classes: Annotated[Optional[str], typer.Option(help="Comma-separated class names to classify into instead of the trained ones (CLIP methods), at least two.", metavar="'A,B,...'", show_default=False)] = None,
+    classes_file: Annotated[Optional[Path], typer.Option(help="File with one class name per line (CLIP methods).", metavar="FILE", show_default=False)] = None,
+    backbone: Annotated[Optional[str], typer.Option(help="Override the backbone named in the prompt file (must be the same).", metavar="NAME", show_default=False)] = None,
+    weights: Annotated[Optional[str], typer.Option(help="Local weights file, when the prompt file was tuned on one.", metavar="FILE", show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.", metavar="N")] = 32,
+    device: Annotated[str, typer.Option(help=DEVICE_HELP, metavar=DEVICE_METAVAR)] = "auto",
+    precision: Annotated[str, typer.Option(help=PRECISION_HELP, metavar=PRECISION_METAVAR)] = "auto",
+    workers: Annotated[Optional[int], typer.Option(help="Data-loading worker processes. Default: from the CPU count.", metavar="N", show_default=False)] = None,
     json_output: Annotated[bool, typer.Option("--json", help="JSON lines: one object per image.")] = False,
     csv_output: Annotated[bool, typer.Option("--csv", help="CSV: path, rank, label, probability.")] = False,
+    max_image_pixels: Annotated[Optional[int], typer.Option(help=MAX_PIXELS_HELP, metavar="N", show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No header line, no progress bar.")] = False,
 ) -> None:
     """Top-k classes for each image. CLIP prompt files also accept class names never trained (--classes)."""
@@ -427,6 +493,7 @@ def predict(
     if json_output and csv_output:
         raise _fail("give either --json or --csv, not both.")
     _guarded(lambda: check_predict_options(top_k, batch_size, workers))
+    _guarded(lambda: _set_max_image_pixels(max_image_pixels))
     names = _guarded(lambda: _read_classes(classes, classes_file))
     model = _load(prompts, backbone, weights, device, precision)
     if not quiet:

@@ -8,6 +8,7 @@ they are decoded, skipped and reported; at evaluation time the loader drops them
 from __future__ import annotations
 
 import errno
+import functools
 import glob
 import hashlib
 import math
@@ -27,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 
 from promptune.errors import DataError, PromptuneError
+from promptune.fileio import is_marked
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
@@ -179,7 +181,7 @@ def _refuse_oversized(path: Path, image: Image.Image) -> None:
 
 
 def _bomb_reason(width: int, height: int, limit: int) -> str:
-    return f"{width}x{height} pixels is over the decompression-bomb limit of {limit} pixels"
+    return f"{width}x{height} pixels is over the decompression-bomb limit of {limit} pixels; --max-image-pixels raises it"
 
 
 def _reason(error: Exception) -> str:
@@ -187,7 +189,8 @@ def _reason(error: Exception) -> str:
         # Pillow refuses on open, from the header alone: "Image size (N pixels) exceeds limit of ... pixels, ..."
         found = re.search(r"\((\d+) pixels\)", str(error))
         size = f"{found.group(1)} pixels" if found else "the image size"
-        return f"{size} is over the decompression-bomb limit of {Image.MAX_IMAGE_PIXELS} pixels"
+        return (f"{size} is over the decompression-bomb limit of {Image.MAX_IMAGE_PIXELS} pixels; "
+                f"--max-image-pixels raises it")
     if isinstance(error, FileNotFoundError):
         return "file not found"
     if isinstance(error, PermissionError):
@@ -254,8 +257,9 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def _images_under(folder: Path) -> list[Path]:
-    """Image files anywhere below ``folder`` (hidden entries skipped), sorted; symlinked folders are followed once."""
+def images_under(folder: Path) -> list[Path]:
+    """Image files anywhere below ``folder`` (hidden entries and promptune's own folders skipped), sorted; symlinked
+    folders are followed once."""
     found: list[Path] = []
     visited: set[tuple[int, int]] = set()
     pending = [folder]
@@ -280,12 +284,33 @@ def _images_under(folder: Path) -> list[Path]:
                 continue
             try:
                 if entry.is_dir():
-                    pending.append(Path(entry.path))
+                    if not is_marked(entry.path):  # e.g. an eval --report folder inside a class folder
+                        pending.append(Path(entry.path))
                 elif entry.is_file() and _has_image_extension(entry.name):
                     found.append(Path(entry.path))
             except OSError:  # e.g. a symlink into a folder we may not read
                 continue
     return sorted(found)
+
+
+UPSCALE_WARNING = 8  # training images upscaled more than this many times (1x1 px, say) are worth a warning
+
+
+def small_image_note(paths: Sequence[Path], size: int) -> str | None:
+    """One warning when images are much smaller than the backbone's input `size` (their shorter side under
+    size / UPSCALE_WARNING pixels), or None. Reads the image headers only."""
+    limit = size / UPSCALE_WARNING
+    small = 0
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                small += min(image.size) < limit
+        except Exception:  # noqa: BLE001 - unreadable files were skipped (and reported) when the images were chosen
+            continue
+    if not small:
+        return None
+    return (f"{small} of the {len(paths)} training images are under {limit:g} px on their shorter side, while the "
+            f"backbone sees {size} px: they are upscaled more than {UPSCALE_WARNING}x, which leaves little to learn from.")
 
 
 def _check_is_folder(root: Path, what: str) -> None:
@@ -303,7 +328,7 @@ def _check_is_folder(root: Path, what: str) -> None:
 
 
 def _class_folders(root: Path) -> list[Path]:
-    """Non-hidden sub-folders of ``root``, sorted by name."""
+    """Non-hidden sub-folders of ``root`` that promptune did not make (checkpoint, report), sorted by name."""
     try:
         entries = list(os.scandir(root))
     except OSError as error:
@@ -311,7 +336,7 @@ def _class_folders(root: Path) -> list[Path]:
     folders = []
     for entry in entries:
         try:
-            if not _is_hidden(entry.name) and entry.is_dir():
+            if not _is_hidden(entry.name) and entry.is_dir() and not is_marked(entry.path):
                 folders.append(Path(entry.path))
         except OSError:
             continue
@@ -320,7 +345,7 @@ def _class_folders(root: Path) -> list[Path]:
 
 def _class_images(folder: Path) -> list[Path]:
     try:
-        return _images_under(folder)
+        return images_under(folder)
     except OSError as error:
         raise DataError(f"cannot read class folder {folder} ({error.strerror or type(error).__name__}).") from error
 
@@ -377,6 +402,20 @@ def find_layout(data_dir: Path) -> dict[str, Path]:
     return {name: data_dir / name for name in _SPLIT_NAMES if (data_dir / name).is_dir()}
 
 
+def class_folders_of(data_dir: Path) -> list[Path]:
+    """The class folders `tune` and `eval` would read in `data_dir` (of every split), without reading any image."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        return []
+    folders: list[Path] = []
+    for root in find_layout(data_dir).values():
+        try:
+            folders.extend(_class_folders(root))
+        except DataError:
+            continue
+    return folders
+
+
 def _layout_name(layout: dict[str, Path]) -> str:
     return "split" if "train" in layout else "flat"
 
@@ -386,8 +425,9 @@ def _layout_name(layout: dict[str, Path]) -> str:
 
 @dataclass(frozen=True)
 class ImageItem:
-    path: Path
+    path: Path  # the image file; for an in-memory image (`image` set), a label such as "<image 0>"
     label: int
+    image: Image.Image | None = field(default=None, compare=False)  # a PIL image to use instead of reading `path`
 
 
 @dataclass
@@ -604,7 +644,7 @@ class ImageDataset(Dataset):
         index, sample_seed = key if isinstance(key, tuple) else (key, None)
         item = self.items[index]
         try:
-            image = decode_image(item.path)
+            image = decode_image(item.path) if item.image is None else _to_rgb(item.image)
         except UnreadableImageError as error:
             return Sample(None, item.label, index, error.reason)
         with image:
@@ -749,12 +789,23 @@ def make_loader(
         persistent_workers=workers > 0,
         pin_memory=pin_memory,
         collate_fn=collate_skipping,
-        worker_init_fn=_ignore_stop_signals if workers > 0 else None,
+        worker_init_fn=functools.partial(_init_worker, Image.MAX_IMAGE_PIXELS) if workers > 0 else None,
     )
 
 
-def _ignore_stop_signals(_: int) -> None:
-    """Loader workers leave Ctrl-C / SIGTERM to the main process, which stops the run cleanly and shuts them down."""
+def set_max_image_pixels(limit: int | None) -> None:
+    """--max-image-pixels: larger images are skipped as decompression bombs (None: Pillow's default, 89,478,485).
+
+    It sets Pillow's own `PIL.Image.MAX_IMAGE_PIXELS` for this process, which Python users may set directly; loaders
+    made afterwards carry it into their worker processes."""
+    if limit is not None:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+def _init_worker(max_image_pixels: int | None, _: int) -> None:
+    """A loader worker decodes with the main process's pixel limit (a spawned worker would start from Pillow's
+    default) and leaves Ctrl-C / SIGTERM to the main process, which stops the run cleanly and shuts it down."""
+    Image.MAX_IMAGE_PIXELS = max_image_pixels
     for name in ("SIGINT", "SIGTERM"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
@@ -763,23 +814,89 @@ def _ignore_stop_signals(_: int) -> None:
 # --------------------------------------------------------------------------------------------------------- predict
 
 
-def images_in(paths: Sequence[str]) -> tuple[list[Path], list[str]]:
-    """Expand `predict` arguments (files, folders, glob patterns) into image paths, in argument order.
+def prediction_items(inputs: Any) -> tuple[list[ImageItem], list[str]]:
+    """`predict`'s inputs as images to classify, in input order, and one sentence per input that gave no image.
 
-    Returns the images found (duplicates dropped) and the arguments that matched no image.
+    `inputs` is one input or a list or tuple of them: a path (str or os.PathLike) of an image file, a folder (its
+    images, recursively) or a glob pattern; a PIL image; or an image tensor (see `tensor_images`). A file found twice
+    is classified once. Anything else is a `DataError` naming its type.
     """
-    found: list[Path] = []
+    items: list[ImageItem] = []
+    problems: list[str] = []
     seen: set[Path] = set()
-    missing: list[str] = []
-    for argument in paths:
-        matches = _expand_argument(argument)
+    for source in _each_input(inputs):
+        if isinstance(source, Image.Image):
+            items.append(ImageItem(Path(f"<image {sum(item.image is not None for item in items)}>"), 0, source))
+            continue
+        matches = _expand_argument(source)
         if not matches:
-            missing.append(argument)
+            problems.append(f"{source}: {_why_no_image(source)}.")
         for path in matches:
             if path not in seen:
                 seen.add(path)
-                found.append(path)
-    return found, missing
+                items.append(ImageItem(path, 0))
+    return items, problems
+
+
+def _each_input(inputs: Any) -> Iterator[str | Image.Image]:
+    """Path strings and PIL images, one per image or path argument (a batch tensor gives one image per row)."""
+    for source in inputs if isinstance(inputs, (list, tuple)) else [inputs]:
+        if isinstance(source, (str, os.PathLike)):
+            yield os.fspath(source)
+        elif isinstance(source, Image.Image):
+            yield source
+        elif isinstance(source, torch.Tensor):
+            yield from tensor_images(source)
+        else:
+            kind = type(source)
+            name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+            raise DataError(
+                f"predict takes image paths (str or Path), PIL images or image tensors, or a list of them, not {name}."
+            )
+
+
+def tensor_images(tensor: torch.Tensor) -> list[Image.Image]:
+    """RGB (or 1-channel) image tensors, (C, H, W) or (B, C, H, W), as PIL images.
+
+    Tensors hold pixels as they come from a decoder, *not* normalised: uint8 in [0, 255], or float in [0, 1] (rounded
+    to 8 bits here, as saving a PNG would). They then get the same resize, crop and normalisation as image files, so a
+    tensor is classified exactly like the PNG file of the same pixels.
+    """
+    batch = tensor.detach().cpu()
+    batch = batch.unsqueeze(0) if batch.ndim == 3 else batch
+    if batch.ndim != 4 or batch.shape[1] not in (1, 3) or batch.shape[2] < 1 or batch.shape[3] < 1:
+        raise DataError(f"An image tensor must be (C, H, W) or (B, C, H, W) with 1 or 3 channels, not {tuple(tensor.shape)}.")
+    if batch.is_floating_point():
+        low, high = (float(batch.min()), float(batch.max())) if batch.numel() else (0.0, 0.0)
+        if not (math.isfinite(low) and math.isfinite(high)) or low < 0 or high > 1:
+            raise DataError(
+                f"A float image tensor must hold un-normalised pixels in [0, 1], not values from {low:.3g} to {high:.3g}; "
+                f"promptune resizes and normalises images itself."
+            )
+        batch = (batch.float() * 255).round().to(torch.uint8)
+    elif batch.dtype != torch.uint8:
+        raise DataError(f"An image tensor must be uint8 (0-255) or float (0-1), not {str(batch.dtype).replace('torch.', '')}.")
+    return [transforms.functional.to_pil_image(image).convert("RGB") for image in batch]
+
+
+def _why_no_image(argument: str) -> str:
+    path = Path(argument).expanduser()
+    if path.is_dir():
+        others = _count_other_files(path)
+        skipped = f" ({others} file{'s' if others != 1 else ''} of other types skipped)" if others else ""
+        return f"a folder with no images{skipped}"
+    if any(char in argument for char in "*?["):
+        return "matches no image"
+    return "no such file or folder"
+
+
+def _count_other_files(folder: Path) -> int:
+    """Files below `folder` that are not images (hidden entries and promptune's folders left out)."""
+    count = 0
+    for directory, subfolders, files in os.walk(folder):
+        subfolders[:] = [d for d in subfolders if not _is_hidden(d) and not is_marked(os.path.join(directory, d))]
+        count += sum(not _is_hidden(name) and not _has_image_extension(name) for name in files)
+    return count
 
 
 def _expand_argument(argument: str) -> list[Path]:
@@ -802,6 +919,6 @@ def _expand_argument(argument: str) -> list[Path]:
 
 def _images_in_folder(folder: Path) -> list[Path]:
     try:
-        return _images_under(folder)
+        return images_under(folder)
     except OSError:
         return []

@@ -9,6 +9,8 @@ from promptune.errors import PromptuneError
 
 MAX_BATCH_SIZE = 65_536
 MAX_WORKERS = 256
+DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")  # here, not in runtime.py, so that --help shows them without torch
+PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
 
 
 def check_number(name: str, value: float | int | None, minimum: float = 1, maximum: float | None = None) -> None:

@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING
 import torch
 from PIL import Image, ImageDraw
 
-from promptune.data import SPLIT_LABELS
+from promptune.data import SPLIT_LABELS, images_under
 from promptune.errors import PromptuneError
-from promptune.fileio import atomic_write
+from promptune.fileio import atomic_write, is_marked, mark_folder
 from promptune.fonts import drawable, font_for
 from promptune.metrics import rounded
 
@@ -118,12 +118,24 @@ def _draw_cells(draw: ImageDraw.ImageDraw, matrix: torch.Tensor, origin: tuple[i
 
 
 def prepare_report_dir(folder: str | Path) -> Path:
-    """Create the report folder up front, so a bad --report fails before a long evaluation, not after it."""
+    """Create and mark the report folder up front, so a bad --report fails before a long evaluation, not after it.
+
+    The marker (`fileio.mark_folder`) keeps `tune` and `eval` from reading the report as a class folder, so it may sit
+    inside the evaluated folder. A folder of someone's images (a class folder) is refused: confusion.png would join them.
+    """
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise PromptuneError(f"--report '{folder}' is a file; give a folder.")
+    if folder.is_dir() and not is_marked(folder):
+        images = len(images_under(folder))
+        if images:
+            raise PromptuneError(
+                f"--report '{folder}' holds {images} image{'s' if images != 1 else ''} (a class folder?); give a new or "
+                f"empty folder, so that confusion.png never joins your images."
+            )
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        mark_folder(folder, "report")
     except OSError as error:
         raise PromptuneError(f"Cannot create report folder '{folder}': {error.strerror or error}.") from None
     return folder

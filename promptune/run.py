@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from promptune import __version__
 from promptune.artifact import PromptFile, save_prompt_file
-from promptune.backbones import Backbone, load_backbone
+from promptune.backbones import FAMILIES, Backbone, load_backbone
 from promptune.checkpoint import Checkpoint, CheckpointPolicy, file_fingerprint
 from promptune.data import (
     ImageDataset,
@@ -33,12 +33,15 @@ from promptune.data import (
     default_workers,
     load_training_data,
     make_loader,
+    small_image_note,
 )
 from promptune.errors import PromptuneError
+from promptune.fileio import content_id
 from promptune.metrics import rounded
 from promptune.methods.base import PromptMethod, overlong_note
 from promptune.methods.registry import KEEP_CHOICES, MethodSpec, TrainDefaults, resolve_method
 from promptune.options import check_choice, check_loader_options, check_number
+from promptune.outputs import RunLock, check_out_target
 from promptune.reporting import Reporter
 from promptune.runtime import Runtime
 from promptune.stop import RunInterrupted, StopSignals, signal_name
@@ -95,12 +98,8 @@ class TuneOptions:
             raise PromptuneError("--ema-decay must be below 1 (1 would never move the average from its start), got 1.")
 
     def check_out(self) -> None:
-        """--out names a file in a folder that exists."""
-        if self.out.exists() and self.out.is_dir():
-            raise PromptuneError(f"--out '{self.out}' is a folder; give a file name such as prompts.safetensors.")
-        parent = self.out.parent if str(self.out.parent) else Path(".")
-        if not parent.is_dir():
-            raise PromptuneError(f"--out folder '{parent}' does not exist.")
+        """--out names a new file, or a promptune prompt file, in a folder that exists and outside the data's classes."""
+        check_out_target(self.out, self.data_dir)
 
 
 @dataclass
@@ -153,28 +152,35 @@ class TuneRun:
         self.options.check()
         self.check_files()
 
-    def check_files(self) -> None:
+    def check_files(self, lock: RunLock | None = None) -> None:
+        """--out and the checkpoint folder; with `lock`, this run first claims --out (one run per prompt file)."""
         self.options.check_out()
+        if lock is not None:
+            lock.acquire()
         self.policy.check()
 
     def run(self) -> TuneResult:
-        self.setup()
-        with StopSignals(enabled=self.options.handle_signals) as self.stop:
-            built = self.build()
-            saved = self.resume_from(built) if self.options.resume else None
-            if saved is None:
-                self.prepare(built)
-            with self.stop.deferred():
-                summary = self.fit(built, saved)
-                path = self.save(built, summary)
+        lock = RunLock(self.options.out, self.log)  # held from the checkpoint check to the last write
+        try:
+            self.setup(lock)
+            with StopSignals(enabled=self.options.handle_signals) as self.stop:
+                built = self.build()
+                saved = self.resume_from(built) if self.options.resume else None
+                if saved is None:
+                    self.prepare(built)
+                with self.stop.deferred():
+                    summary = self.fit(built, saved)
+                    path = self.save(built, summary)
+        finally:
+            lock.release()
         return self._result(built, path, summary)
 
-    def setup(self) -> None:
+    def setup(self, lock: RunLock | None = None) -> None:
         """The checks, this process's runtime (joining the other processes, if any), the method and its settings."""
         options = self.options
         options.check()
         self.runtime = Runtime.create(options.device, options.precision)
-        self.runtime.on_primary(self.check_files)  # rank 0 writes every file: its file system decides
+        self.runtime.on_primary(lambda: self.check_files(lock))  # rank 0 writes every file: its file system decides
         if not self.runtime.is_primary:
             self.reporter, self.log = None, quiet
         self.spec: MethodSpec = resolve_method(options.method, options.backbone)
@@ -199,8 +205,11 @@ class TuneRun:
             self.log(f"warning: skipped {skipped.path} ({skipped.reason})")
         for warning in data.warnings:
             self.log(f"warning: {warning}")
-        self.log(f"loading backbone {options.backbone or '(default)'} ...")
+        self.log(f"loading backbone {options.backbone or FAMILIES[self.spec.family].default_backbone} ...")
         backbone = load_backbone(options.backbone, options.weights, family=self.spec.family)
+        small = small_image_note([item.path for item in data.train], backbone.preprocess.size)
+        if small:
+            self.log(f"warning: {small}")
         seed_everything(options.seed)
         model = self.spec.load()(backbone, data.class_names, self.method_config).to(runtime.device)
         model.set_grad_checkpointing(options.grad_checkpointing)
@@ -298,6 +307,8 @@ class TuneRun:
             "shots": self.shots,
             "seed": cfg.seed,
             "train_images": len(data.train),
+            # a few bytes per image (about 16 in the JSON), so that `eval` can say when it is shown training images
+            "train_image_sha256": sorted(filter(None, (content_id(item.path) for item in data.train))),
             "val_images": len(data.val),
             "skipped_files": len(data.skipped) + summary.skipped_images,
             "data_dir": self.options.data_dir.name,

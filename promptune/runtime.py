@@ -21,13 +21,12 @@ from torch import nn
 
 from promptune.errors import DeviceError, PromptuneError
 from promptune.launch import Place, place
+from promptune.options import DEVICE_CHOICES, PRECISION_CHOICES
 
 T = TypeVar("T")
 # Rank 0 alone scans (and decodes) the training images while the others wait for the result: far longer than
 # torch's default collective timeout on a large folder. A dead process still ends the run at once under torchrun.
 COLLECTIVE_TIMEOUT = timedelta(hours=2)
-DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
-PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
 
 
 def _mps_available() -> bool:

@@ -37,7 +37,6 @@ from promptune.train import Trainer
 from conftest import TINY_CLIP_CONFIG, make_clip_files, make_shape_folder
 
 runner = CliRunner()
-SENTINEL = b"the user's previous prompt file\n"
 TOP = 10**30  # an absurd number: parses as an int, far beyond any sensible value
 
 
@@ -284,6 +283,12 @@ def other_backbone(e: Env) -> list:
     return ["eval", e.images, "--prompts", e.prompts, "--backbone", config, "--weights", weights]
 
 
+def wider_weights(e: Env) -> Path:
+    """Weights of the same architecture with a wider joint embedding: same key names, other shapes."""
+    wider = {**TINY_CLIP_CONFIG, "embed_dim": 48}
+    return make_clip_files(e.tmp / "wider", name="wider", config=wider)[1]
+
+
 def other_weights(e: Env) -> list:
     _, weights = make_clip_files(e.tmp / "other", seed=1)
     return ["eval", e.images, "--prompts", e.prompts, "--weights", weights]
@@ -391,7 +396,7 @@ CASES = {
     "not-an-image-with-an-image-extension": Case(bad_image("notes.jpg", lambda good: b"shopping list\n"), 0,
                                                  ("not a recognised image format",), skipped="notes.jpg"),
     "decompression-bomb": Case(bad_image("bomb.png", lambda good: png_claiming(10_000, 10_000)), 0,
-                               ("decompression-bomb limit",), skipped="bomb.png",
+                               ("decompression-bomb limit", "--max-image-pixels raises it"), skipped="bomb.png",
                                check=never_decoded("bomb.png", "100000000 pixels")),
     "decompression-bomb-far-over-the-limit": Case(bad_image("huge.png", lambda good: png_claiming(40_000, 40_000)), 0,
                                                   ("decompression-bomb limit",), skipped="huge.png",
@@ -448,7 +453,21 @@ CASES = {
     "unknown-backbone": Case(lambda e: ["tune", e.images, "--backbone", "ViT-B-61"], 1, ("Unknown backbone 'ViT-B-61'", "ViT-B-16")),
     "missing-backbone-config": Case(lambda e: ["tune", e.images, "--backbone", e.tmp / "nope.json"], 1, ("does not exist",)),
     "blank-ctx-init": Case(tune_with("--ctx-init", " "), 1, ("--ctx-init is blank",)),
-    "option-of-another-method": Case(tune_with("--depth", "deep"), 1, ("coop", "--depth")),
+    "option-of-another-method": Case(tune_with("--depth", "deep"), 1, (
+        "Method 'coop' has no option --depth (an option of spt, vpt); its options are --n-ctx, --ctx-init.",)),
+    "option-of-another-method-sep": Case(tune_with("--init", "mean", method="sep"), 1, (
+        "Method 'sep' has no option --init (an option of spt); its options are --n-ctx, --n-ctx-v, --template.",)),
+    "ctx-init-and-another-n-ctx": Case(tune_with("--ctx-init", "a photo of a", "--n-ctx", "2"), 1, (
+        "--n-ctx 2 does not match --ctx-init 'a photo of a', which is 4 tokens long; drop --n-ctx",)),
+    "weights-of-another-model": Case(lambda e: ["tune", e.images, *e.clip[:2], "--weights", e.vit[3]], 1, (
+        "Weights '", "do not fit tiny-clip.json: ", " keys missing (e.g. ", " keys unexpected (e.g. ",
+        "check that --backbone names the model these weights are for")),
+    "weights-of-another-shape": Case(lambda e: ["tune", e.images, *e.clip[:2], "--weights", wider_weights(e)], 1, (
+        "do not fit tiny-clip.json: ", " of another shape (e.g. ")),
+    "prompt-file-as-weights": Case(lambda e: ["tune", e.images, *e.clip[:2], "--weights", e.prompts], 1, (
+        "is a promptune prompt file, not backbone weights; pass it with --prompts",)),
+    "prompt-file-as-weights-eval": Case(lambda e: ["eval", e.images, "--prompts", e.prompts, "--weights", e.prompts], 1, (
+        "is a promptune prompt file, not backbone weights",)),
     "missing-data-dir-argument": Case(lambda e: ["tune"], 2, ("Missing argument",)),
     # ---- eval / predict options
     "eval-batch-size-zero": Case(eval_with("--batch-size", "0"), 1, ("--batch-size must be between 1 and 65536",)),
@@ -468,6 +487,12 @@ CASES = {
     "predict-workers-absurd": Case(predict_with("--workers", TOP), 1, ("--workers must be between 0 and 256",)),
     "predict-json-and-csv": Case(predict_with("--json", "--csv"), 1, ("give either --json or --csv",)),
     "classes-empty": Case(predict_with("--classes", ""), 1, ("--classes is empty",)),
+    "classes-one-name": Case(predict_with("--classes", "cat"), 1, (
+        "--classes names one class ('cat'), which every image would get with 100%; give at least two",)),
+    "classes-semicolons": Case(predict_with("--classes", "cat; dog; bird"), 1, (
+        "--classes 'cat; dog; bird' is one class name, since names are separated by commas, not ';'; write "
+        "'cat, dog, bird'.",)),
+    "classes-file-one-name": Case(classes_file(b"cat\n"), 1, ("--classes names one class ('cat')",)),
     "classes-only-commas": Case(predict_with("--classes", " , "), 1, ("--classes is empty",)),
     "classes-duplicates": Case(predict_with("--classes", "cat,dog,cat"), 1, ("--classes has duplicate names: cat",)),
     "classes-duplicates-ignoring-case": Case(predict_with("--classes", "Cat,dog,cat"), 1, (
@@ -478,12 +503,13 @@ CASES = {
     "classes-file-empty": Case(classes_file(b"\n  \n"), 1, ("--classes-file", "has no class names")),
     "classes-file-not-utf8": Case(classes_file(b"caf\xe9\n"), 1, ("Cannot read --classes-file", "can't decode")),
     "classes-file-missing": Case(predict_with("--classes-file", "nope.txt"), 1, ("Cannot read --classes-file 'nope.txt'",)),
-    "predict-missing-path-among-good-ones": Case(predict_among_missing, 1, ("missing.png: no such file or image",),
+    "predict-missing-path-among-good-ones": Case(predict_among_missing, 1, ("missing.png: no such file or folder",),
                                                  check=predicted("000.png", "001.png")),
     "predict-unreadable-image-among-good-ones": Case(predict_among_unreadable, 1,
                                                      ("broken.png: unreadable image", "not a recognised image format"),
                                                      check=predicted("000.png")),
-    "predict-decompression-bomb": Case(predict_bomb, 1, ("bomb.png: unreadable image", "decompression-bomb limit"),
+    "predict-decompression-bomb": Case(predict_bomb, 1, ("bomb.png: unreadable image", "decompression-bomb limit",
+                                                         "--max-image-pixels raises it"),
                                        check=predicted("000.png")),
     # ---- prompt files
     "prompt-file-missing": Case(lambda e: ["predict", e.images, "--prompts", e.tmp / "nope.safetensors"], 1,
@@ -541,7 +567,7 @@ def _assert_error_line(result: Any, case: Case) -> None:
         assert word in line, f"{word!r} not in {line!r}"
 
 
-def _assert_ok(result: Any, case: Case, e: Env, command: str) -> None:
+def _assert_ok(result: Any, case: Case, e: Env, command: str, previous: bytes) -> None:
     assert result.exit_code == 0, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
     assert "Traceback" not in result.output
     assert "Error:" not in result.stderr, result.stderr
@@ -554,7 +580,9 @@ def _assert_ok(result: Any, case: Case, e: Env, command: str) -> None:
     elif command == "tune":
         assert json.loads(result.stdout)["skipped_files"] == 0
     if command == "tune":
-        load_prompt_file(e.tmp / "out" / "prompts.safetensors")  # the new file replaced the old one completely
+        out = e.tmp / "out" / "prompts.safetensors"
+        load_prompt_file(out)  # the new file replaced the old one completely
+        assert out.read_bytes() != previous
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -562,7 +590,8 @@ def test_bad_input(name: str, env: Env) -> None:
     case = CASES[name]
     out_folder = env.tmp / "out"
     out_folder.mkdir()
-    (out_folder / "prompts.safetensors").write_bytes(SENTINEL)
+    previous = env.prompts.read_bytes()  # the user's earlier prompt file: only a successful tune may replace it
+    (out_folder / "prompts.safetensors").write_bytes(previous)
     args = _args(env, case.build(env))
     if case.code != 0:
         def no_training(*_args: object, **_kwargs: object) -> None:
@@ -571,13 +600,13 @@ def test_bad_input(name: str, env: Env) -> None:
         env.monkeypatch.setattr(Trainer, "fit", no_training)
     result = runner.invoke(app, args)
     if case.code == 0:
-        _assert_ok(result, case, env, args[0])
+        _assert_ok(result, case, env, args[0], previous)
     else:
         _assert_error_line(result, case)
         if case.check is None:
             assert result.stdout == "", "a failed command printed results"
         if args[0] == "tune":
-            assert (out_folder / "prompts.safetensors").read_bytes() == SENTINEL, "the existing --out file changed"
+            assert (out_folder / "prompts.safetensors").read_bytes() == previous, "the existing --out file changed"
             assert sorted(p.name for p in out_folder.iterdir()) == ["prompts.safetensors"], "a stray file beside --out"
     if case.check is not None:
         case.check(result, env)

@@ -26,7 +26,7 @@ from promptune.data import (
     decode_image,
     default_workers,
     find_layout,
-    images_in,
+    prediction_items,
     load_eval_data,
     load_training_data,
     make_loader,
@@ -629,7 +629,7 @@ def test_preprocess_round_trip_and_validation() -> None:
 # --------------------------------------------------------------------------------------------------------- predict
 
 
-def test_images_in_expands_files_folders_and_globs(tmp_path: Path) -> None:
+def test_prediction_items_expand_files_folders_and_globs(tmp_path: Path) -> None:
     single = save_image(tmp_path / "single.png")
     folder = [save_image(tmp_path / "folder" / "b.jpg"), save_image(tmp_path / "folder" / "sub" / "a.PNG")]
     save_image(tmp_path / "folder" / ".hidden.png")
@@ -640,7 +640,7 @@ def test_images_in_expands_files_folders_and_globs(tmp_path: Path) -> None:
     arguments = [str(single), str(tmp_path / "folder"), str(tmp_path / "glob" / "*")]
     absent = [str(tmp_path / "missing.jpg"), str(tmp_path / "nomatch*.png")]
 
-    found, missing = images_in([*arguments, *absent, str(single)])
+    items, problems = prediction_items([*arguments, *absent, str(single)])
 
-    assert found == [single, *sorted(folder), *globbed]
-    assert missing == absent
+    assert [item.path for item in items] == [single, *sorted(folder), *globbed]
+    assert problems == [f"{absent[0]}: no such file or folder.", f"{absent[1]}: matches no image."]

@@ -91,7 +91,8 @@ def test_rewriting_a_report_replaces_every_file_and_leaves_no_temp_files(tmp_pat
     write_report(_report(3, 50, seed=3), tmp_path, {"run": 2})
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["run"] == 2 and metrics["n_images"] == 50
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["confusion.png", "metrics.json", "misclassified.csv", "per_class.csv"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".promptune", "confusion.png", "metrics.json", "misclassified.csv", "per_class.csv"]
 
 
 def test_report_folder_that_is_a_file_is_refused_and_kept(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -150,20 +151,26 @@ def test_resume_and_checkpoint_mistakes(small_folder, vit_file, tmp_path):
 
 
 def test_an_unwritable_checkpoint_folder_is_refused_before_training(small_folder, vit_file, tmp_path, monkeypatch):
-    import promptune.checkpoint
+    import promptune.fileio
 
     target = tmp_path / "locked" / "nested"
+    (tmp_path / "out").mkdir()
     asked: list[Path] = []
+    real_mkstemp = promptune.fileio.tempfile.mkstemp
 
-    def no_write(path, mode):
-        asked.append(Path(path))
-        return False
+    def no_write(*args, dir=None, **kwargs):  # noqa: A002 - tempfile's own keyword
+        asked.append(Path(dir))
+        if Path(dir) == tmp_path:  # as root, the file system's refusal is simulated
+            raise PermissionError(errno.EACCES, "Permission denied", str(dir))
+        return real_mkstemp(*args, dir=dir, **kwargs)
 
-    monkeypatch.setattr(promptune.checkpoint.os, "access", no_write)
-    with pytest.raises(CheckpointError, match=r"Cannot write checkpoints in .*pass --checkpoint-dir DIR or --no-checkpoint"):
-        tune(small_folder, out=tmp_path / "p.safetensors", checkpoint_dir=target, **_options("spt", None, vit_file))
-    assert asked == [tmp_path]  # the nearest folder that exists is the one that decides
-    assert list(tmp_path.iterdir()) == []  # refused before anything was written
+    monkeypatch.setattr(promptune.fileio.tempfile, "mkstemp", no_write)
+    with pytest.raises(CheckpointError, match=r"Cannot write checkpoints in .*\(permission denied\); pass --checkpoint-dir "
+                                              r"DIR or --no-checkpoint"):
+        tune(small_folder, out=tmp_path / "out" / "p.safetensors", checkpoint_dir=target,
+             **_options("spt", None, vit_file))
+    assert asked == [tmp_path / "out", tmp_path]  # --out's folder, then the nearest folder of the checkpoint that exists
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and list((tmp_path / "out").iterdir()) == []
 
 
 def test_no_checkpoint_writes_none(small_folder, vit_file, tmp_path):

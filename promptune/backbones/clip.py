@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -10,7 +12,8 @@ import torch
 from torch import nn
 
 from promptune.backbones import FAMILIES, Backbone, freeze
-from promptune.backbones.loading import local_weights, offline_hint, quiet_libraries
+from promptune.backbones.hub import HubWeights, hub_access
+from promptune.backbones.loading import download_failed, local_weights, quiet_libraries, weights_mismatch
 from promptune.data import Preprocess
 from promptune.errors import BackboneError
 from promptune.fileio import file_sha256
@@ -105,6 +108,19 @@ def _tag_preprocess(model_name: str) -> dict[str, Any]:
     return {key: value for key, value in zip(keys, found.pop()) if value is not None}
 
 
+def _hub_weights(name: str, tag: str, tag_config: dict[str, Any]) -> HubWeights:
+    """The hub file open_clip downloads for `tag` (its pretrained config's `hf_hub`, safetensors tried first)."""
+    import open_clip
+
+    label = f"{name} / {tag}"
+    if not tag_config.get("hf_hub"):
+        return HubWeights(label, None, url=tag_config.get("url", ""))
+    repo_id, filename = os.path.split(tag_config["hf_hub"])  # "org/repo/" (the default file name) or "org/repo/file"
+    filename = filename or open_clip.constants.HF_WEIGHTS_NAME
+    safer = getattr(open_clip.pretrained, "_get_safe_alternatives", lambda _: ())(filename)
+    return HubWeights(label, repo_id, (*safer, filename))
+
+
 def load(name: str, weights: str | None, stored_config: dict[str, Any] | None = None) -> Backbone:
     import open_clip
 
@@ -124,16 +140,23 @@ def load(name: str, weights: str | None, stored_config: dict[str, Any] | None = 
             valid = ", ".join(tags) if tags else "none (use --weights PATH)"
             raise BackboneError(f"Unknown weights tag '{weights}' for {name}; valid tags: {valid}.")
     pretrained = str(local) if local is not None else weights
+    shown_name = Path(name).name if config_path else name
+    tag_config = open_clip.get_pretrained_cfg(model_name, weights) if local is None else {}
+    hub = _hub_weights(name, str(weights), tag_config) if local is None else None
     try:
-        with quiet_libraries():
-            model, _, _ = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
+        with quiet_libraries(), hub_access(hub) if hub is not None else contextlib.nullcontext():
+            # A tag trained with QuickGELU (OpenAI's) gets it, as open_clip 2.x did; 3.x only warns about the mismatch.
+            model, _, _ = open_clip.create_model_and_transforms(
+                model_name, pretrained=pretrained, force_quick_gelu=bool(tag_config.get("quick_gelu")))
     except RuntimeError as error:
-        if local is None and ("download" in str(error).lower() or "hub" in str(error).lower()):
-            raise BackboneError(offline_hint(name, str(weights))) from None
-        raise BackboneError(f"Could not load weights '{weights}' into {name}: {str(error).splitlines()[0]}") from None
+        if hub is not None and ("download" in str(error).lower() or "hub" in str(error).lower()):
+            raise BackboneError(download_failed(hub, error)) from None
+        raise BackboneError(weights_mismatch(str(weights), shown_name, error)) from None
+    except AssertionError as error:  # open_clip's checkpoint conversions assert shapes ("text pos_embed width changed!")
+        raise BackboneError(weights_mismatch(str(weights), shown_name, error)) from None
     except (OSError, ValueError, KeyError) as error:
-        if local is None:
-            raise BackboneError(offline_hint(name, str(weights))) from None
+        if hub is not None:
+            raise BackboneError(download_failed(hub, error)) from None
         raise BackboneError(f"Could not read weights file '{local}': {str(error).splitlines()[0]}") from None
     freeze(model)
     cfg = getattr(model.visual, "preprocess_cfg", {}) or {}
@@ -149,7 +172,7 @@ def load(name: str, weights: str | None, stored_config: dict[str, Any] | None = 
     )
     return Backbone(
         family="clip",
-        name=Path(name).name if config_path else name,
+        name=shown_name,
         weights=local.name if local else weights,
         model=model,
         preprocess=preprocess,

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from typing import Any
+from urllib.parse import urlsplit
+
+import torch
 
 from promptune.backbones import Backbone, freeze
-from promptune.backbones.loading import local_weights, offline_hint, quiet_libraries
+from promptune.backbones.hub import HubWeights, hub_access
+from promptune.backbones.loading import download_failed, local_weights, quiet_libraries, weights_mismatch
 from promptune.data import Preprocess
 from promptune.errors import BackboneError
 from promptune.fileio import file_sha256
@@ -23,6 +29,34 @@ def owns(name: str) -> bool:
     return timm.is_model(name)
 
 
+def _valid_tags(name: str) -> str:
+    import timm
+
+    return ", ".join(t.split(".", 1)[1] for t in timm.list_pretrained(f"{name.split('.')[0]}.*")) or "none"
+
+
+def _hub_weights(model_name: str) -> HubWeights | None:
+    """The hub file timm downloads for `model_name` (its default tag when it names none); None without weights."""
+    from timm.models import get_pretrained_cfg
+    from timm.models import _hub as timm_hub
+
+    try:
+        cfg = get_pretrained_cfg(model_name)
+    except RuntimeError:  # a tag in the name that the architecture does not have: "vit_base_patch16_224.bogus"
+        arch, _, tag = model_name.partition(".")
+        raise BackboneError(f"Unknown weights tag '{tag}' for {arch}; valid tags: {_valid_tags(arch)}.") from None
+    if cfg is None:
+        return None
+    label = f"{model_name.split('.')[0]} / {cfg.tag}"
+    if not cfg.hf_hub_id:
+        cache = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlsplit(cfg.url or "").path))
+        return HubWeights(label, None, url=cfg.url or "", url_cache=cache)
+    repo_id, _, revision = cfg.hf_hub_id.partition("@")
+    filename = cfg.hf_hub_filename or timm_hub.HF_WEIGHTS_NAME
+    safer = () if filename.endswith(".safetensors") else tuple(getattr(timm_hub, "_get_safe_alternatives", lambda _: ())(filename))
+    return HubWeights(label, repo_id, (*safer, filename), revision=revision or None)
+
+
 def load(name: str, weights: str | None, stored_config: dict[str, Any] | None = None) -> Backbone:
     """`stored_config` is unused: a timm name alone says how to build the model."""
     import timm
@@ -35,18 +69,18 @@ def load(name: str, weights: str | None, stored_config: dict[str, Any] | None = 
     elif weights is not None:
         model_name = f"{name.split('.')[0]}.{weights}"
         if not timm.is_model_pretrained(model_name):
-            valid = ", ".join(t.split(".", 1)[1] for t in timm.list_pretrained(f"{name.split('.')[0]}.*")) or "none"
-            raise BackboneError(f"Unknown weights tag '{weights}' for {name}; valid tags: {valid}.")
+            raise BackboneError(f"Unknown weights tag '{weights}' for {name}; valid tags: {_valid_tags(name)}.")
+    hub = _hub_weights(model_name) if local is None else None
     try:
-        with quiet_libraries():
+        with quiet_libraries(), hub_access(hub) if hub is not None else contextlib.nullcontext():
             model = timm.create_model(model_name, **kwargs)
     except RuntimeError as error:
-        if local is None:
-            raise BackboneError(offline_hint(name, weights or "default")) from None
-        raise BackboneError(f"Could not load weights file '{local}' into {name}: {str(error).splitlines()[0]}") from None
+        if hub is not None and "state_dict" not in str(error):
+            raise BackboneError(download_failed(hub, error)) from None
+        raise BackboneError(weights_mismatch(str(weights), name, error)) from None
     except (OSError, ValueError, KeyError) as error:
-        if local is None:
-            raise BackboneError(offline_hint(name, weights or "default")) from None
+        if hub is not None:
+            raise BackboneError(download_failed(hub, error)) from None
         raise BackboneError(f"Could not read weights file '{local}': {str(error).splitlines()[0]}") from None
     freeze(model)
     config = timm.data.resolve_model_data_config(model)

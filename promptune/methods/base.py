@@ -11,7 +11,7 @@ from torch import nn
 
 from promptune.backbones import Backbone, Family
 from promptune.errors import MethodError, PromptFileError
-from promptune.methods.registry import TrainDefaults, method_spec
+from promptune.methods.registry import METHOD_OPTIONS, TrainDefaults, method_flags, method_spec
 from promptune.runtime import Runtime
 
 
@@ -62,8 +62,7 @@ class PromptMethod(nn.Module):
         fields = {f.name for f in dataclasses.fields(cls.Config)}
         unknown = sorted(set(options) - fields)
         if unknown:
-            flags = lambda names: ", ".join("--" + n.replace("_", "-") for n in names)  # noqa: E731
-            raise error(f"Method '{cls.name}' has no option {flags(unknown)}; its options are: {flags(sorted(fields))}.")
+            raise error(_unknown_options_message(cls.name, unknown))
         try:
             config = cls.Config(**options)
         except (TypeError, ValueError) as exc:
@@ -181,6 +180,20 @@ class PromptMethod(nn.Module):
 
     def _load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         raise NotImplementedError
+
+
+def _unknown_options_message(method: str, unknown: list[str]) -> str:
+    """Names only flags that `tune` has: the method's own (its Config's internal fields have none), and for each
+    unknown option that belongs to other methods, which ones."""
+    def named(field: str) -> str:
+        option = METHOD_OPTIONS.get(field)
+        if option is None:
+            return f"'{field}'"
+        return f"{option.flag} (an option of {', '.join(option.methods)})"
+
+    own = method_flags(method)
+    takes = f"its options are {', '.join(own)}" if own else "it has no options of its own"
+    return f"Method '{method}' has no option {', '.join(named(field) for field in unknown)}; {takes}."
 
 
 def overlong_note(method: PromptMethod) -> str | None:

@@ -129,6 +129,11 @@ class CoOp(ClipPromptMethod):
         if init is not None:
             if not 1 <= init.shape[0] <= 64:
                 raise MethodError(f"--ctx-init must be 1 to 64 tokens long, got {init.shape[0]}.")
+            if config.n_ctx not in (init.shape[0], CoOpConfig.n_ctx):  # the default is the one value not told apart
+                raise MethodError(
+                    f"--n-ctx {config.n_ctx} does not match --ctx-init '{config.ctx_init}', which is {init.shape[0]} "
+                    f"tokens long; drop --n-ctx (the phrase sets the number of context tokens)."
+                )
             config = CoOpConfig(n_ctx=init.shape[0], ctx_init=config.ctx_init)
         super().__init__(backbone, class_names, config, config.n_ctx)
         ctx = init if init is not None else torch.randn(config.n_ctx, runner.width) * 0.02

@@ -175,3 +175,74 @@ def default_summary(field: str) -> str:
         return next(iter(values.values()))
     return ", ".join(f"{name} {value}" for name, value in values.items())
 
+
+
+# ----------------------------------------------------------------------------------------------- method options
+
+
+@dataclass(frozen=True)
+class MethodOption:
+    """A `tune` option that only some methods take (--n-ctx, --depth, ...): the Config field it sets, the methods
+    that take it, its values and each method's default (the Config's own, which a test keeps equal), for --help and
+    for messages that name only flags that exist. A method's other Config fields are internal: they have no flag."""
+
+    field: str  # the methods' Config field; the flag is --field-with-dashes
+    methods: tuple[str, ...]
+    help: str
+    metavar: str  # how --help shows the value: "N", "PHRASE", or the choices
+    defaults: tuple[object, ...]  # per method, in `methods` order (None: see `unset`)
+    unset: str = ""  # what a None default means, e.g. "20 deep, 100 shallow"
+    choices: tuple[str, ...] = ()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.field.replace("_", "-")
+
+    def help_text(self) -> str:
+        """'[sep, coop] Learned text context tokens. Default: sep 6, coop 16.'"""
+        shown = [self._shown(value) for value in self.defaults]
+        default = shown[0] if len(set(shown)) == 1 else ", ".join(f"{m} {v}" for m, v in zip(self.methods, shown))
+        return f"[{', '.join(self.methods)}] {self.help} Default: {default}."
+
+    def _shown(self, value: object) -> str:
+        if value is None:
+            return self.unset
+        if value == "":
+            return "none"
+        return repr(value) if isinstance(value, str) and not self.choices else str(value)
+
+
+def _choices(values: tuple[str, ...]) -> str:
+    return "[" + "|".join(values) + "]"
+
+
+DEPTHS = ("deep", "shallow")
+SPT_INITS = ("random", "mean", "max", "kmeans")
+POOLS = ("token", "avg", "max", "avgmax", "map", "prr")  # reductions, then the backbone's own attention pools
+
+METHOD_OPTIONS: dict[str, MethodOption] = {option.field: option for option in (
+    MethodOption("n_ctx", ("sep", "coop"), "Learned text context tokens.", "N", (6, 16)),
+    MethodOption("ctx_init", ("coop",), "Initialise the context from a phrase, e.g. 'a photo of a' (its length sets "
+                 "--n-ctx).", "PHRASE", ("",)),
+    MethodOption("n_ctx_v", ("sep",), "Learned visual prompt tokens.", "N", (4,)),
+    MethodOption("template", ("sep",), "Hand-crafted template of the frozen text branch and of eval's zero-shot "
+                 "baseline, '{}' where the class name goes; repeat the option to average several templates' text "
+                 "features.", "TEMPLATE", ("a photo of a {}.",)),
+    MethodOption("depth", ("spt", "vpt"), "deep: prompts before every block; shallow: before the first only.",
+                 _choices(DEPTHS), ("deep", "deep"), choices=DEPTHS),
+    MethodOption("prompts_per_layer", ("spt", "vpt"), "Prompt tokens per layer (0: a linear probe).", "P",
+                 (None, None), unset="20 deep, 100 shallow"),
+    MethodOption("init", ("spt",), "Prompt initialisation: random tokens, or mean, max or kmeans token prototypes.",
+                 _choices(SPT_INITS), ("random",), choices=SPT_INITS),
+    MethodOption("init_images", ("spt",), "Training images sampled for the prototype initialisation.", "N", (None,),
+                 unset="all"),
+    MethodOption("pool_window", ("spt",), "Tokens per window for --init mean / max.", "W", (None,),
+                 unset="P near-equal windows per image"),
+    MethodOption("pool", ("spt", "vpt"), "Head pooling; map and prr are the backbone's own attention pool.",
+                 _choices(POOLS), (None, None), unset="the backbone's own", choices=POOLS),
+)}
+
+
+def method_flags(method: str) -> list[str]:
+    """The `tune` flags of `method`'s own options, e.g. ['--n-ctx', '--n-ctx-v', '--template'] for sep."""
+    return [option.flag for option in METHOD_OPTIONS.values() if method in option.methods]

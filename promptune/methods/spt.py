@@ -29,11 +29,10 @@ from torch import nn
 from promptune.backbones import Backbone
 from promptune.errors import MethodError
 from promptune.methods.base import PromptMethod, run_block
+from promptune.methods.registry import DEPTHS, SPT_INITS
 from promptune.methods.vit_blocks import POOLS, block_with_shared_prompts, drop_span, vit_layout
 from promptune.runtime import Runtime
 
-DEPTHS = ("deep", "shallow")
-SPT_INITS = ("random", "mean", "max", "kmeans")
 DEFAULT_PROMPTS = {"deep": 20, "shallow": 100}  # the authors' README defaults
 MAX_PROMPTS = 1024  # prompt tokens per layer; attention cost grows with the square of the token count
 
