@@ -23,6 +23,8 @@ from promptune.runtime import Runtime
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 DIVERGED = "Training diverged (the loss became NaN or infinite); try a lower --lr."
+REFRESH_SECONDS = 0.5  # off the CPU: how often a step's loss and accuracy are read back for the progress display
+MAX_UNREAD_STEPS = 256  # ... and after at most this many steps (the unread 0-d tensors are kept until then)
 
 
 @dataclass
@@ -180,9 +182,9 @@ def accuracy(method: nn.Module, loader: Iterable[Batch], runtime: Runtime) -> fl
         images, labels = _to_device(batch, runtime.device)
         with runtime.autocast():
             logits = method(images)
-        correct += int((logits.argmax(-1) == labels).sum())
+        correct += (logits.argmax(-1) == labels).sum()  # stays on the device: no host sync per batch
         total += labels.numel()
-    correct, total = runtime.all_sum([correct, total])  # each process saw its own share of the images
+    correct, total = runtime.all_sum([int(correct), total])  # each process saw its own share of the images
     return correct / total if total else None
 
 
@@ -255,6 +257,30 @@ class EpochProgress:
     seconds: float = 0.0
 
 
+@dataclass
+class _Unread:
+    """Steps whose loss and correct count are still on the device (0-d tensors), with their image counts."""
+
+    losses: list[torch.Tensor] = field(default_factory=list)
+    hits: list[torch.Tensor] = field(default_factory=list)
+    here: list[int] = field(default_factory=list)  # this process's images per step
+    images_per_step: list[int] = field(default_factory=list)  # all processes' images per step
+    images: int = 0  # all processes' images in these steps
+    read_at: float | None = None  # when steps were last read back in this epoch (None: not yet)
+
+    def add(self, loss: torch.Tensor, hits: torch.Tensor, here: int, images: int) -> None:
+        self.losses.append(loss)
+        self.hits.append(hits)
+        self.here.append(here)
+        self.images_per_step.append(images)
+        self.images += images
+
+    def clear(self) -> None:
+        """Forget the steps once read; `read_at` says when that was."""
+        self.losses, self.hits, self.here, self.images_per_step, self.images = [], [], [], [], 0
+        self.read_at = time.perf_counter()
+
+
 class TrainingStopped(Exception):
     """`fit` stopped early because `should_stop` said so; the trainer's state is consistent and resumable."""
 
@@ -302,9 +328,11 @@ class Trainer:
         self.best_state: dict[str, torch.Tensor] | None = None
         self.epoch = 0  # epochs completed
         self.progress = EpochProgress()  # of epoch `self.epoch + 1`
+        self._shown_loss = math.nan  # the last step's loss that was read back (what the progress display shows)
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor, weight: float = 1.0) -> tuple[float, int]:
-        """One optimiser step on a batch: (its mean loss, its correct predictions).
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor, weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimiser step on a batch: (its mean loss, its correct predictions) as 0-d tensors on the device, so the
+        step never waits for the device (reading them is a host sync; `run_epoch` does it only when needed).
 
         `weight` scales this process's loss before backward. DDP averages the gradients of its processes; with
         weight = (this process's images x processes / images of all processes), that average is the gradient of the
@@ -317,16 +345,20 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.schedule.step()
-        return float(loss.detach()), int((logits.detach().argmax(-1) == labels).sum())
+        return loss.detach(), (logits.detach().argmax(-1) == labels).sum()
 
     def run_epoch(self, loader: Iterable[Batch], reporter: Reporter, should_stop: Callable[[], bool] = _never) -> bool:
         """Train over `loader`, adding to `self.progress`; False when `should_stop` cut the epoch short.
 
-        With several processes the step's image counts, loss, accuracy, divergence and stop request are summed over
-        them, so `self.progress` holds the totals of all processes and every process stops at the same step.
+        The steps' losses and hits stay on the device until the progress display needs them (every step on the CPU,
+        where reading them costs nothing; otherwise every `REFRESH_SECONDS`), a stop, or the epoch's end: each reading
+        is one host sync, and the divergence check runs on what it reads. With several processes the step's image
+        counts, loss, accuracy, divergence and stop request are summed over them, so `self.progress` holds the totals
+        of all processes and every process stops at the same step.
         """
         self.method.train()
         runtime, progress = self.runtime, self.progress
+        unread = _Unread()
         seconds_before = progress.seconds
         start = mark = time.perf_counter()
         for batch in loader:
@@ -337,22 +369,48 @@ class Trainer:
             if images_total:
                 images, labels = _to_device(batch, runtime.device)
                 loss, hits = self.train_step(images, labels, weight=here * runtime.world_size / images_total)
-                loss_sum, hits, diverged = runtime.all_sum([loss * here, hits, not math.isfinite(loss)])
-                if diverged:
-                    raise MethodError(DIVERGED)
-                progress.loss_sum += loss_sum
-                progress.correct += int(hits)
-                progress.seen += int(images_total)
+                unread.add(loss, hits, here, int(images_total))
+                if self._read_due(unread):
+                    self._read(unread)
                 elapsed = seconds_before + time.perf_counter() - start
-                reporter.step(loss_sum / images_total, progress.correct / progress.seen,
-                              progress.seen / max(elapsed, 1e-9))
+                reporter.step(self._shown_loss, progress.correct / max(progress.seen, 1),
+                              (progress.seen + unread.images) / max(elapsed, 1e-9))
             progress.step += 1
             progress.seconds = seconds_before + time.perf_counter() - start
             if runtime.any(should_stop()):
+                self._read(unread)
                 return False
             mark = time.perf_counter()
+        self._read(unread)
         progress.seconds = seconds_before + time.perf_counter() - start
         return True
+
+    def _read_due(self, unread: _Unread) -> bool:
+        """Whether to read the unread steps now: always on the CPU and with several processes (whose collectives
+        already wait every step), else on an epoch's first step and every `REFRESH_SECONDS` after."""
+        if self.runtime.device.type == "cpu" or self.runtime.distributed or unread.read_at is None:
+            return True
+        return time.perf_counter() - unread.read_at >= REFRESH_SECONDS or len(unread.losses) >= MAX_UNREAD_STEPS
+
+    def _read(self, unread: _Unread) -> None:
+        """Add the unread steps to `self.progress` (one host sync, one collective), in step order as if each had been
+        read on its own; a loss that is not finite stops the run with `DIVERGED`."""
+        if not unread.losses:
+            return
+        steps = len(unread.losses)
+        losses = torch.stack(unread.losses).tolist()
+        hits = torch.stack(unread.hits).tolist()
+        totals = self.runtime.all_sum([loss * here for loss, here in zip(losses, unread.here)] + hits
+                                      + [sum(not math.isfinite(loss) for loss in losses)])
+        if totals[-1]:
+            raise MethodError(DIVERGED)
+        progress = self.progress
+        for step in range(steps):
+            progress.loss_sum += totals[step]
+            progress.correct += int(totals[steps + step])
+            progress.seen += unread.images_per_step[step]
+        self._shown_loss = totals[steps - 1] / unread.images_per_step[-1]
+        unread.clear()
 
     def kept_weights(self) -> contextlib.AbstractContextManager:
         """The tensors a run validates and keeps: the moving average's with `ema_decay`, else the parameters'."""

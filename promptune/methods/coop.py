@@ -31,15 +31,18 @@ class CoOpConfig:
 class ClassPrompts(nn.Module):
     """Tokenised 'X .. X {name}.' prompts for the current class list; class-dependent, so never saved.
 
-    The context occupies positions start..start+n_ctx-1 (start = 1 after a start token, 0 without one).
+    The context occupies positions start..start+n_ctx-1 (start = 1 after a start token, 0 without one). `length` is
+    how many positions the text tower runs for these prompts (at least `min_length`), worked out once here: reading it
+    from the tokens in every forward would make each training step wait for the device.
     """
 
-    def __init__(self, runner: ClipTextRunner, names: list[str], n_ctx: int) -> None:
+    def __init__(self, runner: ClipTextRunner, names: list[str], n_ctx: int, min_length: int = 0) -> None:
         super().__init__()
         tokens = runner.tokenize(context_prompts([prompt_name(n) for n in names], n_ctx))
         runner.check_placeholders(tokens, n_ctx)
         self.start = runner.content_start
         self.n_ctx = n_ctx
+        self.length = runner.needed_length(tokens, min_length)
         self.register_buffer("tokens", tokens, persistent=False)  # (C, context_length)
         with torch.no_grad():
             self.register_buffer("embeddings", runner.embed(tokens), persistent=False)  # (C, context_length, D)
@@ -61,8 +64,12 @@ class ClipPromptMethod(PromptMethod):
         self.clip = backbone.model
         self.text = ClipTextRunner(backbone.model, backbone.tokenizer)
         self.n_ctx = n_ctx
-        self.prompts = ClassPrompts(self.text, self.class_names, n_ctx)
+        self.prompts = ClassPrompts(self.text, self.class_names, n_ctx, self.min_text_length())
         self._text_cache: torch.Tensor | None = None
+
+    def min_text_length(self) -> int:
+        """The fewest text positions the prompted text tower runs (what the method reads beyond the class names)."""
+        return 0
 
     def logits(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """CLIP's own logits (scale·cos + bias where the model has one) of normalised features: (B, C)."""
@@ -75,7 +82,7 @@ class ClipPromptMethod(PromptMethod):
     def set_classes(self, class_names: list[str]) -> None:
         super().set_classes(class_names)
         device = self.prompts.tokens.device
-        self.prompts = ClassPrompts(self.text, self.class_names, self.n_ctx).to(device)
+        self.prompts = ClassPrompts(self.text, self.class_names, self.n_ctx, self.min_text_length()).to(device)
         self._text_cache = None
 
     def overlong_class_names(self) -> list[str]:
@@ -152,7 +159,8 @@ class CoOp(ClipPromptMethod):
             return runner.embed(tokens)[0, start : start + n].float().cpu()
 
     def compute_text_features(self) -> torch.Tensor:
-        return F.normalize(self.text(self.prompts.with_context(self.ctx), self.prompts.tokens), dim=-1)
+        prompts = self.prompts
+        return F.normalize(self.text(prompts.with_context(self.ctx), prompts.tokens, length=prompts.length), dim=-1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.logits(self.frozen_image_features(images), self.text_features())

@@ -267,12 +267,14 @@ class SEP(ClipPromptMethod):
         head, prompts, reps, rest = x.split([s, n, n, x.shape[1] - s - 2 * n], dim=1)
         return torch.cat([head, self.text_fusion[slot](prompts, reps), reps, rest], dim=1)
 
+    def min_text_length(self) -> int:
+        """The fusion blocks read the n_ctx tokens after the context: the start token, context and those must run."""
+        return self.text.content_start + 2 * self.n_ctx
+
     def encode_text_prompted(self, length: int | None = None) -> torch.Tensor:
         """Unnormalised prompted text features (C, E) of the current classes; `length` overrides an exact trimming."""
-        tokens = self.prompts.tokens
-        if length is None:
-            length = self.text.needed_length(tokens, min_length=self.prompts.start + 2 * self.n_ctx)
-        return self.text(self.prompts.with_context(self.ctx), tokens, self._text_hook, length)
+        prompts = self.prompts
+        return self.text(prompts.with_context(self.ctx), prompts.tokens, self._text_hook, length or prompts.length)
 
     def compute_text_features(self) -> torch.Tensor:
         prompted = F.normalize(self.encode_text_prompted(), dim=-1)

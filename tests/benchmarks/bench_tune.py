@@ -70,22 +70,16 @@ def _forward(backbone):
     return model.encode_image if backbone.family == "clip" else model
 
 
-def _untrimmed():
-    """Context manager forcing ClipTextRunner onto all context positions (what the code did before trimming)."""
-    import contextlib
-
-    from promptune.methods.clip_text import ClipTextRunner
-
-    @contextlib.contextmanager
-    def patch():
-        original = ClipTextRunner.needed_length
-        ClipTextRunner.needed_length = lambda self, tokens, min_length=0: self.context_length
-        try:
-            yield
-        finally:
-            ClipTextRunner.needed_length = original
-
-    return patch()
+@contextlib.contextmanager
+def _untrimmed(method):
+    """The method's text tower runs all context positions (what the code did before trimming) inside the block."""
+    prompts = method.prompts
+    trimmed = prompts.length
+    prompts.length = method.text.context_length
+    try:
+        yield
+    finally:
+        prompts.length = trimmed
 
 
 # Parts of a method's forward pass that the op breakdown names: instance methods, then sub-modules (if present).
@@ -304,15 +298,13 @@ def single(spec: dict[str, Any]) -> dict[str, Any]:
         result["learned_parameters"] = sum(p.numel() for g in method.param_groups(5e-4) for p in g["params"])
         text = getattr(method, "text", None)
         if text is not None:
-            tokens = method.prompts.tokens
-            minimum = 1 + 2 * method.n_ctx if spec["case"] == "sep" else 0
-            result["text_positions"] = {"trimmed": text.needed_length(tokens, minimum), "full": text.context_length}
+            result["text_positions"] = {"trimmed": method.prompts.length, "full": text.context_length}
 
         def step() -> None:
             trainer.train_step(images, labels)
 
         def step_untrimmed() -> None:
-            with _untrimmed():
+            with _untrimmed(method):
                 trainer.train_step(images, labels)
 
         def step_checkpointed() -> None:
