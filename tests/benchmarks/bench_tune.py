@@ -358,10 +358,18 @@ def single(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _export_revision(revision: str) -> dict[str, str]:
-    """`promptune/` of a git revision, exported into a temporary folder (the repository itself is only read)."""
+    """`promptune/` of a git revision, exported into a temporary folder (the repository itself is only read).
+
+    REV may also be a folder that holds an exported tree (`promptune/` inside it, and a REVISION file naming it), for
+    machines without the repository's history, e.g. a GPU machine that receives only the working tree."""
     import subprocess
     import tempfile
 
+    folder = Path(revision)
+    if (folder / "promptune").is_dir():
+        named = folder / "REVISION"
+        return {"code_root": str(folder.resolve()),
+                "code": named.read_text().strip() if named.is_file() else folder.name}
     commit = subprocess.run(["git", "-C", str(common.REPO_ROOT), "rev-parse", "--short", revision],
                             capture_output=True, text=True, check=True).stdout.strip()
     folder = tempfile.mkdtemp(prefix="promptune-before-")

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Every GPU check and benchmark of promptune in two parts, each writing JSON under $OUT (default ./gpu-out):
+#   bash tests/benchmarks/gpu_run.sh a    # end-to-end commands on CUDA; training steps now vs BEFORE
+#   bash tests/benchmarks/gpu_run.sh b    # predict throughput, data wait, cold start; now vs BEFORE
+# BEFORE is a folder holding an exported older tree (promptune/ and tests/, a REVISION file naming it), default
+# .before (made with: git archive ca3efe7 promptune tests | tar -x -C .before; echo ca3efe7 > .before/REVISION).
+# Wheels in .whl (open_clip_torch, timm, ftfy, wcwidth) are installed first when present. Each step runs on past
+# another's failure; a step's stderr goes to $OUT/log-<part>.txt.
+set -u
+part=${1:-a}
+OUT=${OUT:-$PWD/gpu-out}
+BEFORE=${BEFORE:-$PWD/.before}
+DEVICE=${DEVICE:-cuda} CLIP=${CLIP:-ViT-B-16} VIT=${VIT:-vit_base_patch16_224} STEPS=${STEPS:-10}  # dry runs: smaller
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=$PWD
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=$PWD:/tmp/site
+fi
+log=$OUT/log-$part.txt
+bench=tests/benchmarks
+step() {  # step NAME OUTFILE COMMAND...: run it, JSON to OUTFILE, a line to the log
+  local name=$1 file=$2; shift 2
+  local start=$SECONDS
+  "$@" > "$OUT/$file" 2>> "$log"
+  echo "== $name: rc $? in $((SECONDS - start)) s" | tee -a "$log"
+}
+old() {  # the same command on the BEFORE tree (its own benchmarks, its own promptune)
+  (cd "$BEFORE" && PYTHONPATH=$BEFORE${PYTHONPATH#$PWD} "$@")
+}
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch, open_clip, timm; print(torch.__version__, open_clip.__version__, timm.__version__)"
+  nproc; } >> "$log" 2>&1
+
+if [ "$part" = a ]; then
+  step "smoke" gpu_smoke_cuda.json python3 $bench/gpu_smoke.py --device $DEVICE --real
+  step "tune clip" bench_tune_clip_cuda.json python3 $bench/bench_tune.py --device $DEVICE --method sep --method coop \
+    --backbone $CLIP --classes 100 --batch 32 --steps $STEPS --warmup 3 --before "$BEFORE" --rounds 1
+  step "tune vit" bench_tune_vit_cuda.json python3 $bench/bench_tune.py --device $DEVICE --method spt --method vpt \
+    --backbone $VIT --classes 100 --batch 64 --steps $STEPS --warmup 3 --before "$BEFORE" --rounds 1
+else
+  step "predict" bench_predict_cuda.json python3 $bench/bench_predict.py --device $DEVICE --backbone $CLIP \
+    --backbone $VIT --batch 128 --classes 10 --classes 1000 --steps $STEPS
+  step "predict before" bench_predict_before_cuda.json old python3 tests/benchmarks/bench_predict.py --device $DEVICE \
+    --method spt --backbone $VIT --batch 128 --classes 10 --steps $STEPS
+  step "data wait" bench_data_wait_cuda.json python3 $bench/bench_tune.py --data-wait --device $DEVICE --method spt \
+    --method sep --backbone $CLIP --backbone $VIT --batch 32 --epochs 3 --images-per-class 64
+  step "data wait before" bench_data_wait_before_cuda.json old python3 tests/benchmarks/bench_tune.py --data-wait \
+    --device $DEVICE --method spt --backbone $VIT --batch 32 --epochs 3 --images-per-class 64
+fi
