@@ -215,6 +215,7 @@ class TuneRun:
         seed_everything(options.seed)
         model = self.spec.load()(backbone, data.class_names, self.method_config).to(runtime.device)
         model.set_grad_checkpointing(options.grad_checkpointing)
+        runtime.cast_frozen(model)  # every forward of a tune runs under autocast: frozen weights in its dtype once
         note = overlong_note(model)
         if note:
             self.log(f"warning: {note}")
