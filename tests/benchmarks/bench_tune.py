@@ -43,6 +43,10 @@ working tree's `training_loader`: decoded-image cache), `decode` (the same witho
 file) and, with `--before REV`, that revision's own training loader; `--rounds` alternates them.
 
     python tests/benchmarks/bench_tune.py --loader-only --before ca3efe7 --images-per-class 64 --batch 32 --epochs 4
+
+With `--step-ms` the consumer sleeps that long per full batch, as a host waiting for a device step, and each epoch
+also reports its data-wait share. With one worker, `--batch 64 --step-ms 205` asks for 312 images/s per worker: the
+demand on each of 8 workers of a GPU that trains SPT at 2,500 images/s, the CPU proxy of the data-wait target.
 """
 
 from __future__ import annotations
@@ -299,19 +303,28 @@ def loader_only(spec: dict[str, Any]) -> dict[str, Any]:
             sampler.set_epoch(epoch)
         else:
             sampler.set_epoch(epoch, last=epochs)
-        started = time.perf_counter()
-        images = sum(batch_.labels.numel() for batch_ in loader)
+        images, waited, step_s = 0, 0.0, spec.get("step_ms", 0) / 1e3
+        started = mark = time.perf_counter()
+        for batch_ in loader:
+            waited += time.perf_counter() - mark
+            images += batch_.labels.numel()
+            if step_s:  # a device step: the host waits for it, the loader's workers run on
+                time.sleep(step_s * batch_.labels.numel() / batch)
+            mark = time.perf_counter()
         seconds = time.perf_counter() - started
-        per_epoch.append({"epoch": epoch, "seconds": round(seconds, 3), "images_per_s": round(images / seconds, 1)})
+        per_epoch.append({"epoch": epoch, "seconds": round(seconds, 3), "images_per_s": round(images / seconds, 1),
+                          "data_wait_fraction": round(waited / seconds, 4)})
     steady = per_epoch[1:]
     steady_rate = sum(e["images_per_s"] for e in steady) / len(steady) if steady else None
+    steady_wait = sum(e["data_wait_fraction"] for e in steady) / len(steady) if steady else None
     return {
         "case": "loader_only", "path": spec["path"], "code": spec.get("code", "working tree"), "cached": cached,
         "workers": workers, "images": len(data.train), "batch": batch, "setup_s": round(setup_s, 3),
         "epochs": per_epoch,
         "steady_state": None if not steady else {
             "epochs": [e["epoch"] for e in steady], "images_per_s": round(steady_rate, 1),
-            "images_per_s_per_worker": round(steady_rate / max(workers, 1), 1)},
+            "images_per_s_per_worker": round(steady_rate / max(workers, 1), 1),
+            "data_wait_fraction": round(steady_wait, 4)},
         "memory": {"kind": "peak RSS of the main process (ru_maxrss)", "peak_mb": common.peak_rss_mb()},
         "environment": common.environment(torch.device("cpu"), torch.get_num_threads(), torch.float32),
     }
@@ -326,13 +339,16 @@ def loader_only_report(args: argparse.Namespace) -> dict[str, Any]:
     before = _export_revision(args.before) if args.before else None
     if before is not None:
         paths.append(f"before {before['code']}")
-    base = {"case": "loader_only", "batch": args.batch, "epochs": args.epochs, "workers": args.workers, "size": args.size}
+    base = {"case": "loader_only", "batch": args.batch, "epochs": args.epochs, "workers": args.workers, "size": args.size,
+            "step_ms": args.step_ms}
     report: dict[str, Any] = {
         "benchmark": "training loader alone",
         "inputs": {**base, "rounds": args.rounds, "paths": paths,
                    "data": f"{args.data_classes} classes x {args.images_per_class} generated JPEG files of {width}x{height} px",
-                   "what": "images/s the training loader delivers to a consumer that does nothing else, per epoch; "
-                           "steady state = mean of epochs 2+; per worker = that / loader workers",
+                   "what": "images/s the training loader delivers to a consumer that does nothing else (with "
+                           "--step-ms: that sleeps step_ms per full batch, a device step), per epoch, and the share of "
+                           "the epoch spent waiting for the loader; steady state = mean of epochs 2+; per worker = "
+                           "images/s / loader workers",
                    "path_meaning": {"cache": "training_loader, decoded-image cache (default budget)",
                              "decode": "training_loader without cache: decode + bound + tensor augmentation every epoch",
                              "before": "the revision's own training loader: PIL RandomResizedCrop + flip + ToTensor + "
@@ -353,10 +369,15 @@ def loader_only_report(args: argparse.Namespace) -> dict[str, Any]:
                 report["results"][path].append(result)
     rates = {path: [r["steady_state"]["images_per_s_per_worker"] for r in runs if r.get("steady_state")]
              for path, runs in report["results"].items()}
+    waits = {path: [r["steady_state"]["data_wait_fraction"] for r in runs if r.get("steady_state")]
+             for path, runs in report["results"].items()}
     medians = {path: (round(statistics.median(values), 1) if values else None) for path, values in rates.items()}
     report["summary"] = {"steady_images_per_s_per_worker": rates, "median": medians,
                          "ratios": {f"{path}_over_{paths[-1]}": common.ratio(medians[path], medians[paths[-1]])
-                                    for path in paths[:-1]}}
+                                    for path in paths[:-1]},
+                         "steady_data_wait_fraction": waits,
+                         "median_data_wait_fraction": {path: (round(statistics.median(values), 4) if values else None)
+                                                       for path, values in waits.items()}}
     report["environment"] = environment
     return report
 
@@ -521,6 +542,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="time the training loader alone (no model) over a generated JPEG folder: with the image "
                              "cache, without it, and with --before REV that revision's loader, alternating processes")
     parser.add_argument("--size", type=int, default=224, help="--loader-only: the model input size")
+    parser.add_argument("--step-ms", type=float, default=0.0,
+                        help="--loader-only: the consumer sleeps this long per full batch (a device step)")
     parser.add_argument("--data-classes", type=int, default=10, help="--data-wait: class folders to generate")
     parser.add_argument("--images-per-class", type=int, default=16, help="--data-wait: JPEG files per class")
     parser.add_argument("--image-size", default="320x240", help="--data-wait: WIDTHxHEIGHT of the generated JPEGs")
