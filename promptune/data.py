@@ -22,10 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
+from torchvision.transforms import v2 as transforms_v2
 
 from promptune.errors import DataError, PromptuneError
 from promptune.fileio import is_marked
@@ -37,7 +39,11 @@ _INTERPOLATIONS: dict[str, transforms.InterpolationMode] = {
     "bilinear": transforms.InterpolationMode.BILINEAR,
     "nearest": transforms.InterpolationMode.NEAREST,
 }
-_TRAIN_CROP_SCALE = (0.5, 1.0)
+TRAIN_CROP_SCALE = (0.5, 1.0)  # the random crop's share of the image area
+TRAIN_CROP_RATIO = (3 / 4, 4 / 3)  # and its aspect ratio (width / height)
+_CROP_TRIES = 10
+_PIL_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
+                 "nearest": Image.Resampling.NEAREST}
 _MAX_SHOT_VAL_IMAGES = 4  # validation images per class when sampling k shots without a val/ folder
 _SPLIT_NAMES = ("train", "val", "test")
 _HIGH_BIT_MODES = frozenset({"I", "F", "I;16", "I;16L", "I;16B", "I;16N"})
@@ -111,25 +117,117 @@ def _three_floats(name: str, values: Any) -> tuple[float, float, float]:
 
 
 def build_transform(pre: Preprocess, train: bool) -> Callable[[Image.Image], torch.Tensor]:
-    interpolation = _INTERPOLATIONS[pre.interpolation]
-    normalize = transforms.Normalize(mean=pre.mean, std=pre.std)
+    """The evaluation transform (resize the shorter side to size / crop_pct, centre crop, normalise), or with `train`
+    the training augmentation of one image (`TrainAugment`, its seed drawn from torch's global generator)."""
     if train:
-        return transforms.Compose(
-            [
-                transforms.RandomResizedCrop(pre.size, scale=_TRAIN_CROP_SCALE, interpolation=interpolation),
-                transforms.RandomHorizontalFlip(),
-                transforms.ToTensor(),
-                normalize,
-            ]
-        )
+        return TrainAugment(pre)
     return transforms.Compose(
         [
-            transforms.Resize(int(pre.size / pre.crop_pct), interpolation=interpolation),
+            transforms.Resize(int(pre.size / pre.crop_pct), interpolation=_INTERPOLATIONS[pre.interpolation]),
             transforms.CenterCrop(pre.size),
             transforms.ToTensor(),
-            normalize,
+            transforms.Normalize(mean=pre.mean, std=pre.std),
         ]
     )
+
+
+def cache_side(size: int) -> int:
+    """The shorter side training images are bounded to: the smallest random crop of such an image (half its area, at
+    an aspect ratio of 3:4) still spans `size` pixels, so bounding never makes a crop upsampled more."""
+    return math.ceil(size / math.sqrt(TRAIN_CROP_SCALE[0] * TRAIN_CROP_RATIO[0]))
+
+
+def bounded_size(width: int, height: int, side: int) -> tuple[int, int]:
+    """(width, height) scaled so the shorter side is at most `side`; symmetric, so a rotation keeps the pixel count."""
+    shorter = min(width, height)
+    if shorter <= side:
+        return width, height
+    scale = side / shorter
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+@dataclass(frozen=True)
+class PixelNormalize:
+    """uint8 pixels (..., 3, H, W) -> the model's input, (x / 255 - mean) / std, on the pixels' device.
+
+    Training batches travel from the loader's workers as uint8 pixels and are normalised here on the device: a
+    quarter of the bytes through shared memory, pinned memory and the host-to-device copy."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        scale, shift = _affine(self.mean, self.std, pixels.device)
+        return torch.addcmul(shift, pixels.float(), scale)
+
+
+@functools.lru_cache(maxsize=None)
+def _affine(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift), each (3, 1, 1) on `device`, made once per device: no host-to-device copy in a training step."""
+    std_ = torch.tensor(std, dtype=torch.float64).view(3, 1, 1)
+    scale = (1 / (255 * std_)).float().to(device)
+    shift = (-torch.tensor(mean, dtype=torch.float64).view(3, 1, 1) / std_).float().to(device)
+    return scale, shift
+
+
+class TrainAugment:
+    """The training augmentation, in three steps: `bound` an RGB image to uint8 pixels (H, W, 3) with the shorter
+    side at most `cache_side(size)` (PIL, antialiased); `crop` them with one seed: a random resized crop to
+    (size, size) (torch's antialiased uint8 resize) and a horizontal flip; `normalize` (`PixelNormalize`, on the
+    training device).
+
+    Every training path takes these steps, whether the bounded pixels come from the decoded-image cache
+    (`promptune.train_images`) or from the file in every epoch, so results do not depend on whether the cache fit.
+    The crop follows torchvision's `RandomResizedCrop` (scale 0.5-1 of the area, aspect ratio 3:4-4:3 log-uniform,
+    ten tries, then the largest centred crop within those ratios); promptune 0.1.0 ran that and the flip in PIL on the
+    full-size image, so its augmented pixels differ slightly from these.
+    """
+
+    def __init__(self, pre: Preprocess) -> None:
+        self.size = pre.size
+        self.side = cache_side(pre.size)
+        self.resample = _PIL_RESAMPLE[pre.interpolation]
+        self.interpolation = _INTERPOLATIONS[pre.interpolation]
+        self.normalize = PixelNormalize(pre.mean, pre.std)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        """One image's training view (3, size, size), normalised; its seed drawn from torch's global generator."""
+        return self.normalize(self.crop(self.bound(image), int(torch.randint(0, 2**62, ()))))
+
+    def bound(self, image: Image.Image) -> torch.Tensor:
+        """`image` (RGB) as uint8 pixels (H, W, 3), downscaled so that its shorter side is at most `self.side`."""
+        size = bounded_size(*image.size, self.side)
+        if size != image.size:
+            image = image.resize(size, resample=self.resample)
+        return torch.from_numpy(np.array(image))  # (H, W, 3)
+
+    def crop(self, pixels: torch.Tensor, seed: int) -> torch.Tensor:
+        """Bounded uint8 pixels (H, W, 3) -> the uint8 training view (3, size, size); a pure function of both."""
+        rng = random.Random(seed)
+        top, left, height, width = crop_box(pixels.shape[0], pixels.shape[1], rng)
+        channels_first = pixels.permute(2, 0, 1)  # (3, H, W), channels-last in memory: torch's fast uint8 resize
+        crop = transforms_v2.functional.resized_crop(channels_first, top, left, height, width, [self.size, self.size],
+                                                     interpolation=self.interpolation, antialias=True)  # (3, S, S)
+        return crop.flip(-1) if rng.random() < 0.5 else crop
+
+
+def crop_box(height: int, width: int, rng: random.Random) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of a random crop of 50-100% of the area at an aspect ratio of 3:4 to 4:3; after ten
+    failed tries, the largest centred crop within those ratios."""
+    area = height * width
+    low, high = math.log(TRAIN_CROP_RATIO[0]), math.log(TRAIN_CROP_RATIO[1])
+    for _ in range(_CROP_TRIES):
+        target = area * rng.uniform(*TRAIN_CROP_SCALE)
+        aspect = math.exp(rng.uniform(low, high))
+        crop_width, crop_height = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < crop_width <= width and 0 < crop_height <= height:
+            return rng.randint(0, height - crop_height), rng.randint(0, width - crop_width), crop_height, crop_width
+    crop_width, crop_height = width, height
+    if width / height < TRAIN_CROP_RATIO[0]:
+        crop_height = round(width / TRAIN_CROP_RATIO[0])
+    elif width / height > TRAIN_CROP_RATIO[1]:
+        crop_width = round(height * TRAIN_CROP_RATIO[1])
+    return (height - crop_height) // 2, (width - crop_width) // 2, crop_height, crop_width
 
 
 def prompt_name(folder_name: str) -> str:
@@ -166,7 +264,7 @@ def decode_image(path: Path) -> Image.Image:
                 _refuse_oversized(path, opened)
                 opened.load()
                 image = _apply_exif_orientation(opened)
-                return _to_rgb(image)
+                return to_rgb(image)
     except UnreadableImageError:
         raise
     except Exception as error:  # noqa: BLE001 - any decoder failure means "skip this file", never a crash
@@ -215,7 +313,7 @@ def _apply_exif_orientation(image: Image.Image) -> Image.Image:
         return image
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in _HIGH_BIT_MODES:
         return _high_bit_to_8bit(image).convert("RGB")
     if "A" in image.getbands() or "transparency" in image.info:
@@ -644,7 +742,7 @@ class ImageDataset(Dataset):
         index, sample_seed = key if isinstance(key, tuple) else (key, None)
         item = self.items[index]
         try:
-            image = decode_image(item.path) if item.image is None else _to_rgb(item.image)
+            image = decode_image(item.path) if item.image is None else to_rgb(item.image)
         except UnreadableImageError as error:
             return Sample(None, item.label, index, error.reason)
         with image:
@@ -670,7 +768,8 @@ class SeededBatches(Sampler[list[tuple[int, int]]]):
     positions r, r + W, r + 2W, ... of them. So every rank runs the same number of steps (a last batch may be smaller,
     even empty), the ranks' batches of a step together are exactly the batch of one process with batch size B·W, and
     nothing lives in a random stream: a run can stop after any step and resume there (`set_epoch(epoch, step)`)
-    whatever the number of loader workers.
+    whatever the number of loader workers. With `set_epoch(..., last=L)` the iteration runs on through the epochs up
+    to L, so that loader workers can prepare the next epoch's first batches while this one ends (`EpochLoader`).
     """
 
     def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> None:
@@ -681,27 +780,70 @@ class SeededBatches(Sampler[list[tuple[int, int]]]):
         self.world = world
         self.epoch = 0
         self.start = 0  # the step to start from
+        self.last = 0  # the last epoch to iterate through (at most `epoch`: that epoch alone)
 
     @property
     def steps(self) -> int:
         """Steps in a whole epoch."""
         return math.ceil(self.size / (self.batch_size * self.world))
 
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
+    def set_epoch(self, epoch: int, start: int = 0, last: int | None = None) -> None:
         self.epoch = epoch
         self.start = start
+        self.last = epoch if last is None else last
 
     def __len__(self) -> int:
+        """Steps left in the epoch `set_epoch` named."""
         return max(0, self.steps - self.start)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        generator = torch.Generator().manual_seed(derive_seed("order", self.seed, self.epoch))
+        return self._through(self.epoch, self.start, self.last)  # fixed now: set_epoch may run while it is consumed
+
+    def _through(self, first: int, start: int, last: int) -> Iterator[list[tuple[int, int]]]:
+        yield from self._epoch(first, start)
+        for epoch in range(first + 1, last + 1):
+            yield from self._epoch(epoch, 0)
+
+    def _epoch(self, epoch: int, start: int) -> Iterator[list[tuple[int, int]]]:
+        generator = torch.Generator().manual_seed(derive_seed("order", self.seed, epoch))
         order = torch.randperm(self.size, generator=generator).tolist()
         seeds = torch.randint(0, 2**62, (self.size,), generator=generator).tolist()
         span = self.batch_size * self.world
-        for step in range(self.start, self.steps):
+        for step in range(start, self.steps):
             positions = range(step * span + self.rank, min((step + 1) * span, self.size), self.world)
             yield [(order[position], seeds[position]) for position in positions]
+
+
+class EpochLoader:
+    """A shuffling `DataLoader` over `SeededBatches` that yields one epoch per iteration, while its workers run on
+    into the next epochs.
+
+    A DataLoader restarted for every epoch leaves the training step waiting at each epoch's start until a worker has
+    made a whole first batch, which with a few-shot set's short epochs is a large share of the time on a GPU. Here one
+    stream of batches runs through the epochs (`set_epoch(epoch, start, last)`), and each iteration takes the epoch's
+    batches from it; the stream restarts only when the epoch asked for is not the one it has reached (a resumed run).
+    The batches are the same either way: `SeededBatches` makes them a pure function of (seed, epoch, step).
+    """
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+        self.batch_sampler: SeededBatches = loader.batch_sampler
+        self._stream: Iterator[Batch] | None = None
+        self._reached: tuple[int, int, int] | None = None  # (epoch, step, last) the stream is at
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def __iter__(self) -> Iterator[Batch]:
+        batches = self.batch_sampler
+        wanted = (batches.epoch, batches.start, batches.last)
+        if self._stream is None or self._reached != wanted:
+            self._stream = iter(self.loader)
+        self._reached = None  # until the whole epoch has been taken
+        for _ in range(len(batches)):
+            yield next(self._stream)
+        if batches.epoch < batches.last:
+            self._reached = (batches.epoch + 1, 0, batches.last)
 
 
 class ShardedBatches(Sampler[list[int]]):
@@ -725,18 +867,26 @@ class ShardedBatches(Sampler[list[int]]):
 
 @dataclass
 class Batch:
-    images: torch.Tensor
+    images: torch.Tensor  # (B, 3, S, S): the model's input, or uint8 pixels that `normalize` turns into it
     labels: torch.Tensor
     indices: torch.Tensor
     failed: list[tuple[int, str]]  # (dataset index, why it could not be decoded) of the samples left out
+    normalize: PixelNormalize | None = None  # set when `images` are uint8 pixels
 
     def pin_memory(self) -> Batch:
         """Called by DataLoader(pin_memory=True) for custom batch types."""
-        return Batch(self.images.pin_memory(), self.labels.pin_memory(), self.indices.pin_memory(), self.failed)
+        return Batch(self.images.pin_memory(), self.labels.pin_memory(), self.indices.pin_memory(), self.failed,
+                     self.normalize)
+
+    def inputs(self, device: torch.device, non_blocking: bool = False) -> torch.Tensor:
+        """The images as the model's input on `device` (uint8 pixels travel as such and are normalised there)."""
+        images = self.images.to(device, non_blocking=non_blocking)
+        return self.normalize(images) if self.normalize is not None and images.numel() else images
 
 
-def collate_skipping(samples: Sequence[Sample]) -> Batch:
-    """Stack the decoded samples; failed ones are dropped, their dataset indices and reasons kept in ``failed``."""
+def collate_skipping(samples: Sequence[Sample], normalize: PixelNormalize | None = None) -> Batch:
+    """Stack the decoded samples; failed ones are dropped, their dataset indices and reasons kept in ``failed``.
+    `normalize`: the samples are uint8 pixels, normalised by `Batch.inputs`."""
     decoded = [sample for sample in samples if sample.image is not None]
     failed = [(sample.index, sample.reason) for sample in samples if sample.image is None]
     if not decoded:
@@ -747,6 +897,7 @@ def collate_skipping(samples: Sequence[Sample]) -> Batch:
         labels=torch.tensor([sample.label for sample in decoded], dtype=torch.long),
         indices=torch.tensor([sample.index for sample in decoded], dtype=torch.long),
         failed=failed,
+        normalize=normalize,
     )
 
 
@@ -761,7 +912,7 @@ def default_workers(processes: int = 1) -> int:
 
 
 def make_loader(
-    dataset: ImageDataset,
+    dataset: Dataset,
     batch_size: int,
     shuffle: bool,
     seed: int = 0,
@@ -769,28 +920,30 @@ def make_loader(
     pin_memory: bool = False,
     rank: int = 0,
     world: int = 1,
-) -> DataLoader:
-    """Batches of `Batch`, `batch_size` images each (per process).
+    normalize: PixelNormalize | None = None,
+) -> DataLoader | EpochLoader:
+    """Batches of `Batch`, `batch_size` images each (per process); `normalize` when the dataset gives uint8 pixels.
 
-    With `shuffle`, the order and augmentation come from `SeededBatches` (see `set_epoch`), split over the `world`
-    processes step by step. Without, the images come in order; with several processes, split by whole batches
-    (`ShardedBatches`).
+    With `shuffle`, an `EpochLoader`: the order and augmentation come from `SeededBatches` (see `set_epoch`), split
+    over the `world` processes step by step. Without, a DataLoader of the images in order; with several processes,
+    split by whole batches (`ShardedBatches`).
     """
     workers = default_workers() if workers is None else workers
     if shuffle:
         batches: Sampler | None = SeededBatches(len(dataset), batch_size, seed, rank, world)
     else:
         batches = ShardedBatches(len(dataset), batch_size, rank, world) if world > 1 else None
-    return DataLoader(
+    loader = DataLoader(
         dataset,
         batch_size=batch_size if batches is None else 1,
         batch_sampler=batches,
         num_workers=workers,
         persistent_workers=workers > 0,
         pin_memory=pin_memory,
-        collate_fn=collate_skipping,
-        worker_init_fn=functools.partial(_init_worker, Image.MAX_IMAGE_PIXELS) if workers > 0 else None,
+        collate_fn=collate_skipping if normalize is None else functools.partial(collate_skipping, normalize=normalize),
+        worker_init_fn=worker_init(workers),
     )
+    return EpochLoader(loader) if shuffle else loader
 
 
 def set_max_image_pixels(limit: int | None) -> None:
@@ -800,6 +953,11 @@ def set_max_image_pixels(limit: int | None) -> None:
     made afterwards carry it into their worker processes."""
     if limit is not None:
         Image.MAX_IMAGE_PIXELS = limit
+
+
+def worker_init(workers: int) -> Callable[[int], None] | None:
+    """The `worker_init_fn` of a loader with `workers` processes (None without)."""
+    return functools.partial(_init_worker, Image.MAX_IMAGE_PIXELS) if workers > 0 else None
 
 
 def _init_worker(max_image_pixels: int | None, _: int) -> None:

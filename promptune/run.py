@@ -26,6 +26,7 @@ from promptune.artifact import PromptFile, save_prompt_file
 from promptune.backbones import FAMILIES, Backbone, load_backbone
 from promptune.checkpoint import Checkpoint, CheckpointPolicy, file_fingerprint
 from promptune.data import (
+    EpochLoader,
     ImageDataset,
     SkippedFile,
     TrainingData,
@@ -46,6 +47,7 @@ from promptune.reporting import Reporter
 from promptune.runtime import Runtime
 from promptune.stop import RunInterrupted, StopSignals, signal_name
 from promptune.train import Trainer, TrainConfig, TrainingStopped, TrainSummary, seed_everything, trainable_parameters
+from promptune.train_images import DEFAULT_CACHE_BYTES, training_loader
 
 Log = Callable[[str], None]
 
@@ -133,7 +135,7 @@ class Built:
     data: TrainingData
     backbone: Backbone
     model: PromptMethod
-    train_loader: DataLoader
+    train_loader: EpochLoader
     val_loader: DataLoader | None
     identity: dict[str, Any]  # what a checkpoint must match to continue this run (see `TuneRun.identity`)
 
@@ -213,11 +215,15 @@ class TuneRun:
         seed_everything(options.seed)
         model = self.spec.load()(backbone, data.class_names, self.method_config).to(runtime.device)
         model.set_grad_checkpointing(options.grad_checkpointing)
+        runtime.cast_frozen(model)  # every forward of a tune runs under autocast: frozen weights in its dtype once
         note = overlong_note(model)
         if note:
             self.log(f"warning: {note}")
-        train_transform = build_transform(backbone.preprocess, train=True)
-        train_loader = self._loader(ImageDataset(data.train, train_transform), shuffle=True)
+        # The machine's image cache is split between its training processes (each caches every training image).
+        train_loader = training_loader(data.train, backbone.preprocess, self.train_config.batch_size, options.seed,
+                                       self._workers(), pin_memory=runtime.device.type == "cuda", rank=runtime.rank,
+                                       world=runtime.world_size,
+                                       cache_bytes=DEFAULT_CACHE_BYTES // runtime.local_world_size)
         val_loader = None
         if data.val:
             val_loader = self._loader(ImageDataset(data.val, build_transform(backbone.preprocess, train=False)))
@@ -354,12 +360,16 @@ class TuneRun:
     def _tensor_names(model: PromptMethod) -> set[str]:
         return {f"param.{name}" for name in trainable_parameters(model)}
 
-    def _loader(self, dataset: ImageDataset, shuffle: bool = False, shard: bool = True) -> DataLoader:
+    def _workers(self) -> int:
+        """Loader processes: --workers, else this process's share of the machine's cores."""
+        workers = self.options.workers
+        return default_workers(self.runtime.local_world_size) if workers is None else workers
+
+    def _loader(self, dataset: ImageDataset, shuffle: bool = False, shard: bool = True) -> DataLoader | EpochLoader:
         """This process's loader: its share of the images (all of them when not `shard`)."""
-        runtime, workers = self.runtime, self.options.workers
+        runtime = self.runtime
         return make_loader(dataset, self.train_config.batch_size, shuffle=shuffle, seed=self.options.seed,
-                           workers=default_workers(runtime.local_world_size) if workers is None else workers,
-                           pin_memory=runtime.device.type == "cuda", rank=runtime.rank if shard else 0,
+                           workers=self._workers(), pin_memory=runtime.device.type == "cuda", rank=runtime.rank if shard else 0,
                            world=runtime.world_size if shard else 1)
 
     @contextlib.contextmanager

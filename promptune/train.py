@@ -169,7 +169,7 @@ def optimizer_groups(method: PromptMethod, cfg: TrainConfig) -> list[dict[str, A
 
 def _to_device(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     non_blocking = device.type == "cuda"
-    return batch.images.to(device, non_blocking=non_blocking), batch.labels.to(device, non_blocking=non_blocking)
+    return batch.inputs(device, non_blocking), batch.labels.to(device, non_blocking=non_blocking)
 
 
 @torch.no_grad()
@@ -463,8 +463,8 @@ class Trainer:
             random.seed(epoch_seed)
             torch.manual_seed(epoch_seed)
         batches = getattr(loader, "batch_sampler", None)
-        if hasattr(batches, "set_epoch"):
-            batches.set_epoch(epoch, self.progress.step)
+        if hasattr(batches, "set_epoch"):  # SeededBatches; an EpochLoader's workers run on into the later epochs
+            batches.set_epoch(epoch, self.progress.step, last=self.cfg.epochs)
 
     def fit(self, train_loader: Iterable[Batch], val_loader: Iterable[Batch] | None, reporter: Reporter | None = None,
             checkpoint: Callable[["Trainer"], None] | None = None,

@@ -11,12 +11,13 @@ import torch.nn.functional as F
 
 import promptune
 from promptune.backbones import load_backbone
-from promptune.data import ImageDataset, build_transform, decode_image, load_eval_data, load_training_data, make_loader
+from promptune.data import decode_image, load_eval_data, load_training_data
 from promptune.errors import MethodError
 from promptune.methods.coop import CoOp, CoOpConfig
 from promptune.methods.zeroshot import ZeroShotCLIP
 from promptune.runtime import Runtime
 from promptune.train import TrainConfig, Trainer
+from promptune.train_images import training_loader
 from conftest import assert_checkpointing_is_exact
 
 PHRASE = "a photo of a"
@@ -72,13 +73,12 @@ def test_a_training_step_changes_only_the_context(backbone, class_names, shape_f
     ctx_before = model.ctx.detach().clone()
 
     data = load_training_data(shape_folder, shots=4, seed=0)
-    loader = make_loader(ImageDataset(data.train, build_transform(backbone.preprocess, train=True)), 12, shuffle=True,
-                         workers=0)
+    loader = training_loader(data.train, backbone.preprocess, 12, seed=0, workers=0)
     batch = next(iter(loader))
     cfg = TrainConfig(epochs=1, lr=0.01, weight_decay=5e-4, batch_size=12, warmup_epochs=0, optimizer="sgd")
     trainer = Trainer(model, cfg, Runtime(torch.device("cpu")), steps_per_epoch=1)
     model.train()
-    loss, _ = trainer.train_step(batch.images, batch.labels)
+    loss, _ = trainer.train_step(batch.inputs(torch.device("cpu")), batch.labels)
 
     assert loss > 0
     assert model.ctx.grad is not None and model.ctx.grad.abs().sum() > 0

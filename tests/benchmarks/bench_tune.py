@@ -35,6 +35,18 @@ the steady-state figures are the mean over the later epochs.
 
     python tests/benchmarks/bench_tune.py --data-wait --method spt --method sep --batch 16 --epochs 3
     python tests/benchmarks/bench_tune.py --grad-checkpointing --method spt --method sep --classes 10 --no-baselines
+
+`--loader-only` times the training loader alone, with no model: over one generated JPEG folder, each path runs in a
+fresh process and iterates `--epochs` epochs as `Trainer.fit` drives the loader (`set_epoch`), and reports the
+images/s it delivers per epoch, the steady state (epochs 2+) and that per loader worker. The paths: `cache` (the
+working tree's `training_loader`: decoded-image cache), `decode` (the same without cache: every epoch decodes every
+file) and, with `--before REV`, that revision's own training loader; `--rounds` alternates them.
+
+    python tests/benchmarks/bench_tune.py --loader-only --before ca3efe7 --images-per-class 64 --batch 32 --epochs 4
+
+With `--step-ms` the consumer sleeps that long per full batch, as a host waiting for a device step, and each epoch
+also reports its data-wait share. With one worker, `--batch 64 --step-ms 205` asks for 312 images/s per worker: the
+demand on each of 8 workers of a GPU that trains SPT at 2,500 images/s, the CPU proxy of the data-wait target.
 """
 
 from __future__ import annotations
@@ -42,6 +54,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -184,6 +197,7 @@ def data_wait(spec: dict[str, Any]) -> dict[str, Any]:
 
     from promptune.data import ImageDataset, build_transform, default_workers, load_training_data, make_loader
     from promptune.train import Trainer, TrainConfig, seed_everything
+    from promptune.train_images import training_loader
 
     device, amp_dtype, threads = common.setup_device(spec["device"])
     backbone = common.build_backbone(spec["backbone"])
@@ -209,8 +223,11 @@ def data_wait(spec: dict[str, Any]) -> dict[str, Any]:
                           warmup_epochs=defaults.warmup_epochs, warmup=defaults.warmup, warmup_lr=defaults.warmup_lr,
                           optimizer=defaults.optimizer, eps=defaults.eps, seed=seed)
         pin = device.type == "cuda"
-        train_set = ImageDataset(data.train, build_transform(backbone.preprocess, train=True))
-        train_loader = make_loader(train_set, batch, shuffle=True, seed=seed, workers=workers, pin_memory=pin)
+        workers = default_workers() if workers is None else workers
+        started = time.perf_counter()
+        train_loader = training_loader(data.train, backbone.preprocess, batch, seed, workers, pin_memory=pin)
+        result["cache_s"] = round(time.perf_counter() - started, 2)
+        result["cached"] = train_loader.loader.dataset.cache is not None
         prepare_loader = make_loader(ImageDataset(data.train, build_transform(backbone.preprocess, train=False)), batch,
                                      shuffle=True, seed=seed, workers=workers, pin_memory=pin)
         started = time.perf_counter()
@@ -231,10 +248,10 @@ def data_wait(spec: dict[str, Any]) -> dict[str, Any]:
         "classes": len(data.class_names),
         "batch": batch,
         "steps_per_epoch": len(train_loader),
-        "workers": train_loader.num_workers,
+        "workers": train_loader.loader.num_workers,
         "default_workers": default_workers(),
-        "persistent_workers": train_loader.persistent_workers,
-        "pin_memory": train_loader.pin_memory,
+        "persistent_workers": train_loader.loader.persistent_workers,
+        "pin_memory": train_loader.loader.pin_memory,
         "skipped_images": summary.skipped_images,
         "epochs": epochs,
         "steady_state": None if not steady else {
@@ -250,12 +267,129 @@ def data_wait(spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def loader_only(spec: dict[str, Any]) -> dict[str, Any]:
+    """The training loader alone (no model) over an existing JPEG folder: images/s per epoch, as the trainer drives it.
+
+    `path` "cache" and "decode" are the working tree's `training_loader` with the default image cache and with none
+    (every epoch decodes and bounds every file); a `code_root` revision is timed as that revision built its training
+    loader (`ImageDataset` over `build_transform(train=True)`, `make_loader(shuffle=True)`, restarted every epoch).
+    """
+    from promptune.data import Preprocess, default_workers, load_training_data, make_loader
+
+    torch.set_num_threads(1)  # the main process only receives batches, as in training, where the model has the cores
+    pre = Preprocess(size=spec["size"], mean=(0.48145466, 0.4578275, 0.40821073),
+                     std=(0.26862954, 0.26130258, 0.27577711), interpolation="bicubic")
+    workers = default_workers() if spec.get("workers") is None else spec["workers"]
+    batch, epochs, seed = spec["batch"], spec["epochs"], 0
+    data = load_training_data(Path(spec["folder"]), shots=None, seed=seed, val_fraction=0.0)
+    started = time.perf_counter()
+    if spec.get("code_root"):
+        from promptune.data import ImageDataset, build_transform
+
+        loader = make_loader(ImageDataset(data.train, build_transform(pre, train=True)), batch, shuffle=True, seed=seed,
+                             workers=workers)
+        cached = False
+    else:
+        from promptune.train_images import DEFAULT_CACHE_BYTES, training_loader
+
+        cache_bytes = DEFAULT_CACHE_BYTES if spec["path"] == "cache" else 0
+        loader = training_loader(data.train, pre, batch, seed, workers, cache_bytes=cache_bytes)
+        cached = loader.loader.dataset.cache is not None
+    setup_s = time.perf_counter() - started
+    per_epoch = []
+    for epoch in range(1, epochs + 1):
+        sampler = loader.batch_sampler
+        if spec.get("code_root"):
+            sampler.set_epoch(epoch)
+        else:
+            sampler.set_epoch(epoch, last=epochs)
+        images, waited, step_s = 0, 0.0, spec.get("step_ms", 0) / 1e3
+        started = mark = time.perf_counter()
+        for batch_ in loader:
+            waited += time.perf_counter() - mark
+            images += batch_.labels.numel()
+            if step_s:  # a device step: the host waits for it, the loader's workers run on
+                time.sleep(step_s * batch_.labels.numel() / batch)
+            mark = time.perf_counter()
+        seconds = time.perf_counter() - started
+        per_epoch.append({"epoch": epoch, "seconds": round(seconds, 3), "images_per_s": round(images / seconds, 1),
+                          "data_wait_fraction": round(waited / seconds, 4)})
+    steady = per_epoch[1:]
+    steady_rate = sum(e["images_per_s"] for e in steady) / len(steady) if steady else None
+    steady_wait = sum(e["data_wait_fraction"] for e in steady) / len(steady) if steady else None
+    return {
+        "case": "loader_only", "path": spec["path"], "code": spec.get("code", "working tree"), "cached": cached,
+        "workers": workers, "images": len(data.train), "batch": batch, "setup_s": round(setup_s, 3),
+        "epochs": per_epoch,
+        "steady_state": None if not steady else {
+            "epochs": [e["epoch"] for e in steady], "images_per_s": round(steady_rate, 1),
+            "images_per_s_per_worker": round(steady_rate / max(workers, 1), 1),
+            "data_wait_fraction": round(steady_wait, 4)},
+        "memory": {"kind": "peak RSS of the main process (ru_maxrss)", "peak_mb": common.peak_rss_mb()},
+        "environment": common.environment(torch.device("cpu"), torch.get_num_threads(), torch.float32),
+    }
+
+
+def loader_only_report(args: argparse.Namespace) -> dict[str, Any]:
+    """`--loader-only`: the paths in alternating fresh processes for `--rounds` rounds over one generated folder."""
+    import tempfile
+
+    width, height = _image_size(args)
+    paths = ["cache", "decode"]
+    before = _export_revision(args.before) if args.before else None
+    if before is not None:
+        paths.append(f"before {before['code']}")
+    base = {"case": "loader_only", "batch": args.batch, "epochs": args.epochs, "workers": args.workers, "size": args.size,
+            "step_ms": args.step_ms}
+    report: dict[str, Any] = {
+        "benchmark": "training loader alone",
+        "inputs": {**base, "rounds": args.rounds, "paths": paths,
+                   "data": f"{args.data_classes} classes x {args.images_per_class} generated JPEG files of {width}x{height} px",
+                   "what": "images/s the training loader delivers to a consumer that does nothing else (with "
+                           "--step-ms: that sleeps step_ms per full batch, a device step), per epoch, and the share of "
+                           "the epoch spent waiting for the loader; steady state = mean of epochs 2+; per worker = "
+                           "images/s / loader workers",
+                   "path_meaning": {"cache": "training_loader, decoded-image cache (default budget)",
+                             "decode": "training_loader without cache: decode + bound + tensor augmentation every epoch",
+                             "before": "the revision's own training loader: PIL RandomResizedCrop + flip + ToTensor + "
+                                       "Normalize per image, DataLoader restarted every epoch"}},
+        "results": {path: [] for path in paths},
+    }
+    environment = None
+    with tempfile.TemporaryDirectory(prefix="promptune-bench-") as tmp:
+        folder = Path(tmp) / "data"
+        common.make_jpeg_folder(folder, args.data_classes, args.images_per_class, (width, height), seed=0)
+        for _ in range(args.rounds):
+            for path in paths:
+                spec = {**base, "folder": str(folder), "path": path}
+                if path.startswith("before"):
+                    spec.update(before)
+                result = common.run_isolated(SCRIPT, spec, args.timeout)
+                environment = result.pop("environment", environment)
+                report["results"][path].append(result)
+    rates = {path: [r["steady_state"]["images_per_s_per_worker"] for r in runs if r.get("steady_state")]
+             for path, runs in report["results"].items()}
+    waits = {path: [r["steady_state"]["data_wait_fraction"] for r in runs if r.get("steady_state")]
+             for path, runs in report["results"].items()}
+    medians = {path: (round(statistics.median(values), 1) if values else None) for path, values in rates.items()}
+    report["summary"] = {"steady_images_per_s_per_worker": rates, "median": medians,
+                         "ratios": {f"{path}_over_{paths[-1]}": common.ratio(medians[path], medians[paths[-1]])
+                                    for path in paths[:-1]},
+                         "steady_data_wait_fraction": waits,
+                         "median_data_wait_fraction": {path: (round(statistics.median(values), 4) if values else None)
+                                                       for path, values in waits.items()}}
+    report["environment"] = environment
+    return report
+
+
 def single(spec: dict[str, Any]) -> dict[str, Any]:
     """One case in this (fresh) process: build, warm up, time `steps` steps, report time and memory."""
     if spec.get("code_root"):  # --before: import promptune from that revision's exported tree
         sys.path.insert(0, spec["code_root"])
     if spec["case"] == "data_wait":
         return data_wait(spec)
+    if spec["case"] == "loader_only":
+        return loader_only(spec)
     device, amp_dtype, threads = common.setup_device(spec["device"])
 
     backbone = common.build_backbone(spec["backbone"])
@@ -412,18 +546,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-baselines", action="store_true", help="step mode: skip the two frozen-backbone baselines")
     parser.add_argument("--data-wait", action="store_true",
                         help="measure the data-wait fraction of Trainer.fit over a generated JPEG folder instead")
+    parser.add_argument("--loader-only", action="store_true",
+                        help="time the training loader alone (no model) over a generated JPEG folder: with the image "
+                             "cache, without it, and with --before REV that revision's loader, alternating processes")
+    parser.add_argument("--size", type=int, default=224, help="--loader-only: the model input size")
+    parser.add_argument("--step-ms", type=float, default=0.0,
+                        help="--loader-only: the consumer sleeps this long per full batch (a device step)")
     parser.add_argument("--data-classes", type=int, default=10, help="--data-wait: class folders to generate")
     parser.add_argument("--images-per-class", type=int, default=16, help="--data-wait: JPEG files per class")
     parser.add_argument("--image-size", default="320x240", help="--data-wait: WIDTHxHEIGHT of the generated JPEGs")
-    parser.add_argument("--epochs", type=int, default=3, help="--data-wait: epochs of Trainer.fit (>= 2 for a steady state)")
-    parser.add_argument("--workers", type=int, default=None, help="--data-wait: loader workers (default: promptune's)")
+    parser.add_argument("--epochs", type=int, default=3, help="--data-wait, --loader-only: epochs (>= 2 for a steady state)")
+    parser.add_argument("--workers", type=int, default=None, help="--data-wait, --loader-only: loader workers (default: promptune's)")
     parser.add_argument("--sep-reference", action="store_true",
                         help="step mode: also time promptune 0.1.0's SEP step (tests/sep_reference.py) alternating "
                              "with the current one in SEP's process: the step-time ratio without process-to-process drift")
     parser.add_argument("--before", metavar="REV",
                         help="step mode: also run every method case on promptune as of git revision REV (alternating "
                              "processes with the working tree), for before/after op counts and step times in one run")
-    parser.add_argument("--rounds", type=int, default=2, help="--before: alternating before/after rounds per method")
+    parser.add_argument("--rounds", type=int, default=2, help="--before, --loader-only: alternating rounds (per method)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per isolated case")
     parser.add_argument("--single", help=argparse.SUPPRESS)
@@ -438,6 +578,9 @@ def main(argv: list[str] | None = None) -> None:
     methods = args.method or list(ALL_METHODS)
     if args.data_wait:
         common.emit(data_wait_report(args, backbones, methods))
+        return
+    if args.loader_only:
+        common.emit(loader_only_report(args))
         return
     base = {"batch": args.batch, "classes": args.classes, "steps": args.steps, "warmup": args.warmup, "device": args.device}
     families = [f for f in ("clip", "vit") if any((m in common.CLIP_METHODS) == (f == "clip") for m in methods)]
@@ -528,12 +671,17 @@ def main(argv: list[str] | None = None) -> None:
     common.emit(report)
 
 
-def data_wait_report(args: argparse.Namespace, backbones: dict[str, str], methods: list[str]) -> dict[str, Any]:
-    """The `--data-wait` report: one isolated `Trainer.fit` run per method over the same generated JPEG folder spec."""
+def _image_size(args: argparse.Namespace) -> tuple[int, int]:
     try:
         width, height = (int(v) for v in args.image_size.lower().split("x"))
     except ValueError:
         raise SystemExit(f"--image-size must be WIDTHxHEIGHT, such as 320x240, not {args.image_size!r}") from None
+    return width, height
+
+
+def data_wait_report(args: argparse.Namespace, backbones: dict[str, str], methods: list[str]) -> dict[str, Any]:
+    """The `--data-wait` report: one isolated `Trainer.fit` run per method over the same generated JPEG folder spec."""
+    width, height = _image_size(args)
     base = {"case": "data_wait", "batch": args.batch, "epochs": args.epochs, "device": args.device,
             "data_classes": args.data_classes, "images_per_class": args.images_per_class, "image_size": [width, height],
             "workers": args.workers, "grad_checkpointing": args.grad_checkpointing}
