@@ -12,7 +12,8 @@ path, and one 320x240 JPEG. Each round then runs, in fresh interpreters and in a
 process and `python -m promptune predict IMG --prompts F --weights W --quiet` once per `--code` checkout (that folder
 first on PYTHONPATH). One untimed round comes first (it fills the OS file cache and promptune's user cache, which
 points into the temp folder). The figures: each side's median wall time, the difference and ratio of the medians,
-and the median of the per-round differences.
+and the median of the per-round differences; the same for each process's CPU time (user + system), which drifts less
+on a shared machine.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import json
 import math
 import os
 import pstats
+import resource
 import statistics
 import subprocess
 import sys
@@ -86,14 +88,22 @@ def child_env(code: Path, cache: Path) -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=str(code), HF_HUB_OFFLINE="1", PROMPTUNE_CACHE_DIR=str(cache))
 
 
-def run_timed(command: list[str], env: dict[str, str]) -> float:
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_timed(command: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """(wall, CPU) seconds of one run of `command` in a fresh process; its CPU time (user + system, all its threads
+    and children) is less disturbed by other work on a shared machine than its wall time."""
+    cpu = _children_cpu_s()
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=str(common.REPO_ROOT), timeout=600)
     seconds = time.perf_counter() - started
     if done.returncode != 0 or (command[1:3] == ["-m", "promptune"] and ":" not in done.stdout):
         tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
         raise SystemExit(f"{' '.join(command[:4])}... failed (exit {done.returncode}): {tail}")
-    return seconds
+    return seconds, _children_cpu_s() - cpu
 
 
 def profile_predict(predict: list[str], env: dict[str, str], folder: Path, top: int) -> dict[str, Any]:
@@ -139,23 +149,25 @@ def main(argv: list[str] | None = None) -> None:
         importing = [sys.executable, "-c", IMPORT_ONLY]
         sides = {"import": (importing, codes[0])} | {f"predict {code}": (predict, code) for code in codes}
         times: dict[str, list[float]] = {side: [] for side in sides}
+        cpu_times: dict[str, list[float]] = {side: [] for side in sides}
         first: dict[str, float] = {}
         for round_index in range(args.pairs + 1):
             order = list(sides) if round_index % 2 == 0 else list(reversed(sides))
             for side in order:
                 command, code = sides[side]
-                seconds = run_timed(command, child_env(code, folder / "cache"))
+                seconds, cpu = run_timed(command, child_env(code, folder / "cache"))
                 if round_index == 0:
                     first[side] = round(seconds, 3)
                 else:
                     times[side].append(seconds)
+                    cpu_times[side].append(cpu)
         profile = profile_predict(predict, child_env(codes[-1], folder / "cache"), folder, args.profile) if args.profile else None
         weights_mb = round(weights.stat().st_size / 2**20, 1)
 
-    base = statistics.median(times["import"])
-    results: dict[str, Any] = {"import": summary(times["import"])}
+    base, base_cpu = statistics.median(times["import"]), statistics.median(cpu_times["import"])
+    results: dict[str, Any] = {"import": {**summary(times["import"]), "cpu_median_s": round(base_cpu, 3)}}
     for code in codes:
-        side = times[f"predict {code}"]
+        side, cpu = times[f"predict {code}"], statistics.median(cpu_times[f"predict {code}"])
         median = statistics.median(side)
         results[f"predict {code}"] = {
             **summary(side),
@@ -163,6 +175,8 @@ def main(argv: list[str] | None = None) -> None:
             "extra_over_import_s": round(median - base, 3),
             "median_of_round_differences_s": round(statistics.median(p - i for p, i in zip(side, times["import"])), 3),
             "ratio_over_import": round(median / base, 3),
+            "cpu_median_s": round(cpu, 3),
+            "cpu_extra_over_import_s": round(cpu - base_cpu, 3),
         }
     final = results[f"predict {codes[-1]}"]["extra_over_import_s"]
     device, amp_dtype, threads = common.setup_device(args.device)
