@@ -93,12 +93,13 @@ def _children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_timed(command: list[str], env: dict[str, str]) -> tuple[float, float]:
+def run_timed(command: list[str], env: dict[str, str], folder: Path) -> tuple[float, float]:
     """(wall, CPU) seconds of one run of `command` in a fresh process; its CPU time (user + system, all its threads
-    and children) is less disturbed by other work on a shared machine than its wall time."""
+    and children) is less disturbed by other work on a shared machine than its wall time. It runs in `folder`, not in
+    a checkout: `python -m` puts the working folder first on sys.path, before PYTHONPATH."""
     cpu = _children_cpu_s()
     started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=str(common.REPO_ROOT), timeout=600)
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=str(folder), timeout=600)
     seconds = time.perf_counter() - started
     if done.returncode != 0 or (command[1:3] == ["-m", "promptune"] and ":" not in done.stdout):
         tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
@@ -109,7 +110,7 @@ def run_timed(command: list[str], env: dict[str, str]) -> tuple[float, float]:
 def profile_predict(predict: list[str], env: dict[str, str], folder: Path, top: int) -> dict[str, Any]:
     """cProfile of one predict process: the `top` functions by cumulative time, and by own time."""
     out = folder / "predict.prof"
-    run_timed([sys.executable, "-m", "cProfile", "-o", str(out), *predict[1:]], env)
+    run_timed([sys.executable, "-m", "cProfile", "-o", str(out), *predict[1:]], env, folder)
     stats = pstats.Stats(str(out))
 
     def rows(key: int) -> list[str]:
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
             order = list(sides) if round_index % 2 == 0 else list(reversed(sides))
             for side in order:
                 command, code = sides[side]
-                seconds, cpu = run_timed(command, child_env(code, folder / "cache"))
+                seconds, cpu = run_timed(command, child_env(code, folder / "cache"), folder)
                 if round_index == 0:
                     first[side] = round(seconds, 3)
                 else:
