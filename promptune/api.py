@@ -329,10 +329,15 @@ class TunedModel:
             return self.method(images.to(self.runtime.device)).float()
 
     def _loader(self, items: list[ImageItem], batch_size: int, workers: int | None):
-        """This process's share of `items`: whole batches, every world-th one (all of them in a plain run)."""
+        """This process's share of `items`: whole batches, every world-th one (all of them in a plain run).
+
+        By default one batch is read in this process: a worker would have nothing to overlap with it, and would
+        only add its start to the wait (with several batches, workers read the next ones while one is scored).
+        """
         runtime = self.runtime
-        return make_loader(ImageDataset(items, self.transform), batch_size, shuffle=False,
-                           workers=default_workers(runtime.local_world_size) if workers is None else workers,
+        if workers is None:
+            workers = 0 if len(items) <= batch_size else default_workers(runtime.local_world_size)
+        return make_loader(ImageDataset(items, self.transform), batch_size, shuffle=False, workers=workers,
                            pin_memory=runtime.device.type == "cuda", rank=runtime.rank, world=runtime.world_size)
 
     def _over_images(self, items: list[ImageItem], batch_size: int, workers: int | None,

@@ -81,6 +81,18 @@ def make_shape_folder(root: Path, per_class: int = 12, seed: int = 0, classes: d
     return root
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _user_cache(tmp_path_factory):
+    """promptune's user cache (weights hashes) in a temp folder, for this process and the commands it starts."""
+    before = os.environ.get("PROMPTUNE_CACHE_DIR")
+    os.environ["PROMPTUNE_CACHE_DIR"] = str(tmp_path_factory.mktemp("user-cache"))
+    yield
+    if before is None:
+        del os.environ["PROMPTUNE_CACHE_DIR"]
+    else:
+        os.environ["PROMPTUNE_CACHE_DIR"] = before
+
+
 @pytest.fixture(scope="session")
 def clip_files(tmp_path_factory) -> tuple[Path, Path]:
     """(config JSON, weights file) of a tiny random CLIP: pass as --backbone CONFIG --weights FILE."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -193,6 +194,17 @@ def test_same_name_but_other_shape_is_refused(tuned, tmp_path):
 def test_other_weights_of_the_same_architecture_are_refused(tuned, tmp_path):
     _, other_weights = make_clip_files(tmp_path / "other", seed=1)
     message = load_error(tuned, weights=str(other_weights))
+    assert "sha256" in message and "differs" in message
+
+
+def test_weights_rewritten_in_place_are_refused_though_their_hash_was_cached(tuned, clip_files, tmp_path):
+    local = Path(shutil.copy(clip_files[1], tmp_path / "weights.safetensors"))
+    promptune.load(tuned, weights=str(local), device="cpu")  # the same weights: loads, and caches their hash
+    stat = local.stat()
+    _, other = make_clip_files(tmp_path / "other", seed=1)
+    local.write_bytes(other.read_bytes())  # same architecture, so the same size
+    os.utime(local, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # and the old mtime, as `cp -p` leaves it
+    message = load_error(tuned, weights=str(local))
     assert "sha256" in message and "differs" in message
 
 

@@ -14,9 +14,10 @@ from torch import nn
 from promptune.backbones import FAMILIES, Backbone, freeze
 from promptune.backbones.hub import HubWeights, hub_access
 from promptune.backbones.loading import download_failed, local_weights, quiet_libraries, weights_mismatch
+from promptune.backbones.skip_init import build_loaded
 from promptune.data import Preprocess
 from promptune.errors import BackboneError
-from promptune.fileio import file_sha256
+from promptune.usercache import weights_sha256
 
 DEFAULT_WEIGHTS = "openai"  # the weights of the default backbone when --weights is not given
 
@@ -146,8 +147,8 @@ def load(name: str, weights: str | None, stored_config: dict[str, Any] | None = 
     try:
         with quiet_libraries(), hub_access(hub) if hub is not None else contextlib.nullcontext():
             # A tag trained with QuickGELU (OpenAI's) gets it, as open_clip 2.x did; 3.x only warns about the mismatch.
-            model, _, _ = open_clip.create_model_and_transforms(
-                model_name, pretrained=pretrained, force_quick_gelu=bool(tag_config.get("quick_gelu")))
+            model = build_loaded(lambda: open_clip.create_model_and_transforms(
+                model_name, pretrained=pretrained, force_quick_gelu=bool(tag_config.get("quick_gelu")))[0])
     except RuntimeError as error:
         if hub is not None and ("download" in str(error).lower() or "hub" in str(error).lower()):
             raise BackboneError(download_failed(hub, error)) from None
@@ -177,7 +178,7 @@ def load(name: str, weights: str | None, stored_config: dict[str, Any] | None = 
         model=model,
         preprocess=preprocess,
         tokenizer=_clip_tokenizer(model_name, name),
-        weights_sha256=file_sha256(local) if local else None,
+        weights_sha256=weights_sha256(local) if local else None,
         weights_path=str(local) if local else None,
         clip_config=open_clip.get_model_config(model_name) if (config_path or stored_config) else None,
         shape=_clip_shape(model),

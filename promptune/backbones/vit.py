@@ -12,9 +12,10 @@ import torch
 from promptune.backbones import Backbone, freeze
 from promptune.backbones.hub import HubWeights, hub_access
 from promptune.backbones.loading import download_failed, local_weights, quiet_libraries, weights_mismatch
+from promptune.backbones.skip_init import build_loaded
 from promptune.data import Preprocess
 from promptune.errors import BackboneError
-from promptune.fileio import file_sha256
+from promptune.usercache import weights_sha256
 
 
 def names() -> list[str]:
@@ -73,7 +74,7 @@ def load(name: str, weights: str | None, stored_config: dict[str, Any] | None = 
     hub = _hub_weights(model_name) if local is None else None
     try:
         with quiet_libraries(), hub_access(hub) if hub is not None else contextlib.nullcontext():
-            model = timm.create_model(model_name, **kwargs)
+            model = build_loaded(lambda: timm.create_model(model_name, **kwargs))
     except RuntimeError as error:
         if hub is not None and "state_dict" not in str(error):
             raise BackboneError(download_failed(hub, error)) from None
@@ -101,7 +102,7 @@ def load(name: str, weights: str | None, stored_config: dict[str, Any] | None = 
         weights=local.name if local else weights,
         model=model,
         preprocess=preprocess,
-        weights_sha256=file_sha256(local) if local else None,
+        weights_sha256=weights_sha256(local) if local else None,
         weights_path=str(local) if local else None,
         shape=shape,
     )
