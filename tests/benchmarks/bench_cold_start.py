@@ -85,7 +85,8 @@ def write_image(folder: Path) -> Path:
 
 
 def child_env(code: Path, cache: Path) -> dict[str, str]:
-    return dict(os.environ, PYTHONPATH=str(code), HF_HUB_OFFLINE="1", PROMPTUNE_CACHE_DIR=str(cache))
+    path = os.pathsep.join(filter(None, [str(code), os.environ.get("PYTHONPATH")]))  # keeps e.g. installed wheels
+    return dict(os.environ, PYTHONPATH=path, HF_HUB_OFFLINE="1", PROMPTUNE_CACHE_DIR=str(cache))
 
 
 def _children_cpu_s() -> float:

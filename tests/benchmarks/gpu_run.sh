@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark of promptune in two parts, each writing JSON under $OUT (default ./gpu-out):
-#   bash tests/benchmarks/gpu_run.sh a    # end-to-end commands on CUDA; training steps now vs BEFORE
-#   bash tests/benchmarks/gpu_run.sh b    # predict throughput, data wait, cold start; now vs BEFORE
+#   bash tests/benchmarks/gpu_run.sh a    # every command end to end on CUDA; training steps now vs BEFORE
+#   bash tests/benchmarks/gpu_run.sh b    # predict cold start, predict throughput, data wait; now vs BEFORE
 # BEFORE is a folder holding an exported older tree (promptune/ and tests/, a REVISION file naming it), default
 # .before (made with: git archive ca3efe7 promptune tests | tar -x -C .before; echo ca3efe7 > .before/REVISION).
 # Wheels in .whl (open_clip_torch, timm, ftfy, wcwidth) are installed first when present. Each step runs on past
@@ -33,18 +33,20 @@ old() {  # the same command on the BEFORE tree (its own benchmarks, its own prom
   nproc; } >> "$log" 2>&1
 
 if [ "$part" = a ]; then
-  step "smoke" gpu_smoke_cuda.json python3 $bench/gpu_smoke.py --device $DEVICE --real
-  step "tune clip" bench_tune_clip_cuda.json python3 $bench/bench_tune.py --device $DEVICE --method sep --method coop \
-    --backbone $CLIP --classes 100 --batch 32 --steps $STEPS --warmup 3 --before "$BEFORE" --rounds 1
-  step "tune vit" bench_tune_vit_cuda.json python3 $bench/bench_tune.py --device $DEVICE --method spt --method vpt \
+  step "smoke" gpu_smoke_cuda.json timeout 200 python3 $bench/gpu_smoke.py --device $DEVICE
+  step "tune clip" bench_tune_clip_cuda.json timeout 170 python3 $bench/bench_tune.py --device $DEVICE --method sep \
+    --method coop --backbone $CLIP --classes 100 --batch 32 --steps $STEPS --warmup 3 --before "$BEFORE" --rounds 1
+  step "tune vit" bench_tune_vit_cuda.json timeout 120 python3 $bench/bench_tune.py --device $DEVICE --method spt \
     --backbone $VIT --classes 100 --batch 64 --steps $STEPS --warmup 3 --before "$BEFORE" --rounds 1
 else
-  step "predict" bench_predict_cuda.json python3 $bench/bench_predict.py --device $DEVICE --backbone $CLIP \
+  step "cold start" bench_cold_start_cuda.json timeout 150 python3 $bench/bench_cold_start.py --device $DEVICE \
+    --method sep --backbone $CLIP --pairs 3 --code "$BEFORE" --code .
+  step "predict" bench_predict_cuda.json timeout 90 python3 $bench/bench_predict.py --device $DEVICE --backbone $CLIP \
     --backbone $VIT --batch 128 --classes 10 --classes 1000 --steps $STEPS
-  step "predict before" bench_predict_before_cuda.json old python3 tests/benchmarks/bench_predict.py --device $DEVICE \
-    --method spt --backbone $VIT --batch 128 --classes 10 --steps $STEPS
-  step "data wait" bench_data_wait_cuda.json python3 $bench/bench_tune.py --data-wait --device $DEVICE --method spt \
-    --method sep --backbone $CLIP --backbone $VIT --batch 32 --epochs 3 --images-per-class 64
-  step "data wait before" bench_data_wait_before_cuda.json old python3 tests/benchmarks/bench_tune.py --data-wait \
-    --device $DEVICE --method spt --backbone $VIT --batch 32 --epochs 3 --images-per-class 64
+  step "predict before" bench_predict_before_cuda.json old timeout 60 python3 tests/benchmarks/bench_predict.py \
+    --device $DEVICE --method spt --backbone $VIT --batch 128 --classes 10 --steps $STEPS
+  step "data wait" bench_data_wait_cuda.json timeout 150 python3 $bench/bench_tune.py --data-wait --device $DEVICE \
+    --method spt --method sep --backbone $CLIP --backbone $VIT --batch 32 --epochs 3 --images-per-class 64
+  step "data wait before" bench_data_wait_before_cuda.json old timeout 80 python3 tests/benchmarks/bench_tune.py \
+    --data-wait --device $DEVICE --method spt --backbone $VIT --batch 32 --epochs 3 --images-per-class 64
 fi

@@ -63,7 +63,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--real", action="store_true", help="also time predict of one image with a ViT-B-16 SEP file")
     args = parser.parse_args()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(TESTS.parent)}
+    path = os.pathsep.join(filter(None, [str(TESTS.parent), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
     cli = [sys.executable, "-m", "promptune"]
     results: list[dict] = []
     root = Path(tempfile.mkdtemp(prefix="promptune-gpu-smoke-"))
