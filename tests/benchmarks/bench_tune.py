@@ -131,7 +131,7 @@ def _phase_labels(trainer, method, phases: list[str]):
         post = module.register_forward_hook(lambda _, args, outputs: leave(label, outputs, boundaries.pop()))
         return [pre, post]
 
-    patched = [(trainer, "loss_fn", "forward: rest of the loss"), (trainer.optimizer, "step", "optimizer step"),
+    patched = [(trainer, "forward", "forward: rest of the loss"), (trainer.optimizer, "step", "optimizer step"),
                (trainer.optimizer, "zero_grad", "zero_grad")]
     patched += [(method, name, f"forward: {label}") for name, label in PHASE_METHODS.items() if hasattr(method, name)]
     originals = [(owner, name, owner.__dict__.get(name)) for owner, name, _ in patched]
@@ -217,6 +217,7 @@ def data_wait(spec: dict[str, Any]) -> dict[str, Any]:
             raise RuntimeError(why)
         seed_everything(seed)
         method = cls(backbone, data.class_names, cls.make_config({})).to(device)
+        result["frozen_tensors_cast"] = _cast_frozen(method, device, amp_dtype)
         method.set_grad_checkpointing(bool(spec.get("grad_checkpointing")))
         defaults = cls.defaults
         cfg = TrainConfig(epochs=spec["epochs"], lr=defaults.lr, weight_decay=defaults.weight_decay, batch_size=batch,
@@ -382,6 +383,13 @@ def loader_only_report(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+def _cast_frozen(method: torch.nn.Module, device: torch.device, amp_dtype: torch.dtype) -> int:
+    """What `tune` does before training: on CUDA under bf16/fp16 autocast, the method's frozen weights in that dtype
+    (the frozen-backbone baselines stay as they are). Revisions from before the cast have no `cast_frozen`: 0."""
+    runtime = common.runtime(device, amp_dtype)
+    return runtime.cast_frozen(method) if hasattr(runtime, "cast_frozen") else 0
+
+
 def single(spec: dict[str, Any]) -> dict[str, Any]:
     """One case in this (fresh) process: build, warm up, time `steps` steps, report time and memory."""
     if spec.get("code_root"):  # --before: import promptune from that revision's exported tree
@@ -423,6 +431,7 @@ def single(spec: dict[str, Any]) -> dict[str, Any]:
 
         names = common.class_names(spec["classes"])
         method = common.build_method(spec["case"], backbone, names).to(device)
+        result["frozen_tensors_cast"] = _cast_frozen(method, device, amp_dtype)
         method.set_grad_checkpointing(bool(spec.get("grad_checkpointing")))
         result["grad_checkpointing"] = method.grad_checkpointing
         method.train()
@@ -495,7 +504,8 @@ def _export_revision(revision: str) -> dict[str, str]:
     """`promptune/` of a git revision, exported into a temporary folder (the repository itself is only read).
 
     REV may also be a folder that holds an exported tree (`promptune/` inside it, and a REVISION file naming it), for
-    machines without the repository's history, e.g. a GPU machine that receives only the working tree."""
+    machines without the repository's history, e.g. a GPU machine that receives only the working tree. The step cases
+    drive the revision through today's `Runtime` and `Trainer`, so REV must have them (d209f4e or later)."""
     import subprocess
     import tempfile
 

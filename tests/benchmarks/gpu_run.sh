@@ -5,7 +5,8 @@
 # BEFORE is a folder holding an exported older tree (promptune/ and tests/, a REVISION file naming it), default
 # .before (made with: git archive ca3efe7 promptune tests | tar -x -C .before; echo ca3efe7 > .before/REVISION).
 # Wheels in .whl (open_clip_torch, timm, ftfy, wcwidth) are installed first when present. Each step runs on past
-# another's failure; a step's stderr goes to $OUT/log-<part>.txt.
+# another's failure; a step's stderr goes to $OUT/log-<part>.txt. On one H100 (2026-11-26) part a's smoke alone
+# took over 200 s (about 15 s a command) and the ViT-B-16 cold start over 150 s: allow about 10 minutes a part.
 set -u
 part=${1:-a}
 OUT=${OUT:-$PWD/gpu-out}
@@ -33,13 +34,14 @@ old() {  # the same command on the BEFORE tree (its own benchmarks, its own prom
   nproc; } >> "$log" 2>&1
 
 if [ "$part" = a ]; then
-  step "smoke" gpu_smoke_cuda.json timeout 200 python3 $bench/gpu_smoke.py --device $DEVICE
+  step "smoke" gpu_smoke_cuda.json timeout 400 python3 $bench/gpu_smoke.py --device $DEVICE \
+    --out "$OUT/gpu_smoke_partial.json"
   step "tune clip" bench_tune_clip_cuda.json timeout 170 python3 $bench/bench_tune.py --device $DEVICE --method sep \
     --method coop --backbone $CLIP --classes 100 --batch 32 --steps $STEPS --warmup 3 --before "$BEFORE" --rounds 1
   step "tune vit" bench_tune_vit_cuda.json timeout 120 python3 $bench/bench_tune.py --device $DEVICE --method spt \
     --backbone $VIT --classes 100 --batch 64 --steps $STEPS --warmup 3 --before "$BEFORE" --rounds 1
 else
-  step "cold start" bench_cold_start_cuda.json timeout 150 python3 $bench/bench_cold_start.py --device $DEVICE \
+  step "cold start" bench_cold_start_cuda.json timeout 300 python3 $bench/bench_cold_start.py --device $DEVICE \
     --method sep --backbone $CLIP --pairs 3 --code "$BEFORE" --code .
   step "predict" bench_predict_cuda.json timeout 90 python3 $bench/bench_predict.py --device $DEVICE --backbone $CLIP \
     --backbone $VIT --batch 128 --classes 10 --classes 1000 --steps $STEPS

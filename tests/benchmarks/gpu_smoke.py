@@ -26,6 +26,9 @@ TESTS = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(TESTS))
 
 
+PARTIAL: Path | None = None  # --out: the results so far are written here after every command
+
+
 def _run(results: list[dict], name: str, command: list[str], env: dict[str, str], timeout: float = 300) -> int:
     start = time.perf_counter()
     try:
@@ -36,6 +39,8 @@ def _run(results: list[dict], name: str, command: list[str], env: dict[str, str]
     results.append({"name": name, "rc": rc, "seconds": round(time.perf_counter() - start, 2),
                     "tail": out.strip().splitlines()[-6:]})
     print(f"{name}: rc {rc}", file=sys.stderr, flush=True)
+    if PARTIAL is not None:  # a time limit that stops the run keeps what ran
+        PARTIAL.write_text(json.dumps({"commands": results, "partial": True}, indent=1))
     return rc
 
 
@@ -62,7 +67,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--real", action="store_true", help="also time predict of one image with a ViT-B-16 SEP file")
+    parser.add_argument("--out", type=Path, help="also write the results so far to this file after every command")
     args = parser.parse_args()
+    global PARTIAL
+    PARTIAL = args.out
     path = os.pathsep.join(filter(None, [str(TESTS.parent), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
     cli = [sys.executable, "-m", "promptune"]
