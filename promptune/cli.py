@@ -17,7 +17,7 @@ from promptune import DISTRIBUTION, __version__
 from promptune.backbones import FAMILIES
 from promptune.errors import PromptuneError
 from promptune.launch import launched_by_gpus, place, run_local
-from promptune.methods.registry import METHOD_OPTIONS, METHODS, RECIPES, default_summary, method_choices
+from promptune.methods.registry import METHOD_OPTIONS, RECIPES, default_summary, method_choices
 from promptune.options import DEVICE_CHOICES, PRECISION_CHOICES, check_number
 from promptune.reporting import SilentReporter
 from promptune.stop import RunInterrupted
@@ -76,6 +76,18 @@ def _choices(values: Sequence[str]) -> str:
 METHOD_METAVAR = _choices(method_choices())
 DEVICE_METAVAR = _choices((*DEVICE_CHOICES[:2], "cuda:N", *DEVICE_CHOICES[2:]))
 PRECISION_METAVAR = _choices(PRECISION_CHOICES)
+
+# Options several commands share, declared once.
+DeviceOption = Annotated[str, typer.Option(help=DEVICE_HELP, metavar=DEVICE_METAVAR)]
+PrecisionOption = Annotated[str, typer.Option(help=PRECISION_HELP, metavar=PRECISION_METAVAR)]
+MaxPixelsOption = Annotated[Optional[int], typer.Option(help=MAX_PIXELS_HELP, metavar="N", show_default=False)]
+BackboneOverride = Annotated[Optional[str], typer.Option(
+    help="Override the backbone named in the prompt file (must be the same).", metavar="NAME", show_default=False)]
+WeightsOverride = Annotated[Optional[str], typer.Option(
+    help="Local weights file, when the prompt file was tuned on one.", metavar="FILE", show_default=False)]
+ReadWorkersOption = Annotated[Optional[int], typer.Option(
+    help="Data-loading worker processes. Default: from the CPU count, none for a single batch.", metavar="N",
+    show_default=False)]
 
 
 def _method_option(field: str) -> Any:
@@ -280,8 +292,8 @@ def tune(
     seed: Annotated[int, typer.Option(help="Seed for sampling, initialisation and order.", metavar="S")] = 0,
     base_classes: Annotated[Optional[str], typer.Option(help="Train on the first N classes in sorted order (or a fraction, e.g. 0.5) for the base-to-new protocol.", metavar="N|FRACTION", show_default=False)] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Prompt file to write (it may replace an earlier prompt file, never another file).", metavar="FILE")] = Path("prompts.safetensors"),
-    device: Annotated[str, typer.Option(help=DEVICE_HELP, metavar=DEVICE_METAVAR)] = "auto",
-    precision: Annotated[str, typer.Option(help=PRECISION_HELP, metavar=PRECISION_METAVAR)] = "auto",
+    device: DeviceOption = "auto",
+    precision: PrecisionOption = "auto",
     workers: Annotated[Optional[int], typer.Option(help="Data-loading worker processes. Default: from the CPU count.", metavar="N", show_default=False)] = None,
     gpus: Annotated[Optional[int], typer.Option(help="Train in this many processes on this machine, one per GPU (with --device cpu: CPU processes), started through PyTorch's launcher; --batch-size is per process.", metavar="N", show_default=False)] = None,
     n_ctx: Annotated[Optional[int], _method_option("n_ctx")] = None,
@@ -299,7 +311,7 @@ def tune(
     checkpoint_dir: Annotated[Optional[Path], typer.Option(help="Folder for the per-epoch checkpoint. Default: beside --out (prompts.checkpoint/).", metavar="DIR", show_default=False)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run whose checkpoint is in --checkpoint-dir (same data and options).")] = False,
     no_checkpoint: Annotated[bool, typer.Option("--no-checkpoint", help="Do not save checkpoints (Ctrl-C then loses the run).")] = False,
-    max_image_pixels: Annotated[Optional[int], typer.Option(help=MAX_PIXELS_HELP, metavar="N", show_default=False)] = None,
+    max_image_pixels: MaxPixelsOption = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the final summary.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the run summary as one JSON object.")] = False,
 ) -> None:
@@ -391,16 +403,16 @@ def _pct(value: Optional[float], decimals: int = 1) -> str:
 def evaluate(
     data_dir: Annotated[Path, typer.Argument(help="Folder with one sub-folder of images per class (test/ used when present).", show_default=False, metavar="DATA_DIR")],
     prompts: Annotated[Path, typer.Option("--prompts", "-p", help="Prompt file written by `promptune tune`.", metavar="FILE", show_default=False)],
-    backbone: Annotated[Optional[str], typer.Option(help="Override the backbone named in the prompt file (must be the same).", metavar="NAME", show_default=False)] = None,
-    weights: Annotated[Optional[str], typer.Option(help="Local weights file, when the prompt file was tuned on one.", metavar="FILE", show_default=False)] = None,
+    backbone: BackboneOverride = None,
+    weights: WeightsOverride = None,
     batch_size: Annotated[int, typer.Option(help="Images per batch.", metavar="N")] = 64,
-    device: Annotated[str, typer.Option(help=DEVICE_HELP, metavar=DEVICE_METAVAR)] = "auto",
-    precision: Annotated[str, typer.Option(help=PRECISION_HELP, metavar=PRECISION_METAVAR)] = "auto",
-    workers: Annotated[Optional[int], typer.Option(help="Data-loading worker processes. Default: from the CPU count, none for a single batch.", metavar="N", show_default=False)] = None,
+    device: DeviceOption = "auto",
+    precision: PrecisionOption = "auto",
+    workers: ReadWorkersOption = None,
     zero_shot: Annotated[bool, typer.Option("--zero-shot/--no-zero-shot", help="Also report zero-shot CLIP for comparison, with the prompt file's templates (sep) or 'a photo of a {}.'.")] = True,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     report_dir: Annotated[Optional[Path], typer.Option("--report", help="Write metrics.json, per_class.csv, confusion.png and misclassified.csv into this folder (new, or one of promptune's reports).", metavar="DIR", show_default=False)] = None,
-    max_image_pixels: Annotated[Optional[int], typer.Option(help=MAX_PIXELS_HELP, metavar="N", show_default=False)] = None,
+    max_image_pixels: MaxPixelsOption = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No header line, no progress bar.")] = False,
 ) -> None:
     """Accuracy of a prompt file on a labelled folder: top-1, balanced accuracy, the majority-class baseline, top-5
@@ -475,15 +487,15 @@ def predict(
     top_k: Annotated[int, typer.Option(help="How many classes to show per image.", metavar="K")] = 5,
     classes: Annotated[Optional[str], typer.Option(help="Comma-separated class names to classify into instead of the trained ones (CLIP methods), at least two.", metavar="'A,B,...'", show_default=False)] = None,
     classes_file: Annotated[Optional[Path], typer.Option(help="File with one class name per line (CLIP methods).", metavar="FILE", show_default=False)] = None,
-    backbone: Annotated[Optional[str], typer.Option(help="Override the backbone named in the prompt file (must be the same).", metavar="NAME", show_default=False)] = None,
-    weights: Annotated[Optional[str], typer.Option(help="Local weights file, when the prompt file was tuned on one.", metavar="FILE", show_default=False)] = None,
+    backbone: BackboneOverride = None,
+    weights: WeightsOverride = None,
     batch_size: Annotated[int, typer.Option(help="Images per batch.", metavar="N")] = 32,
-    device: Annotated[str, typer.Option(help=DEVICE_HELP, metavar=DEVICE_METAVAR)] = "auto",
-    precision: Annotated[str, typer.Option(help=PRECISION_HELP, metavar=PRECISION_METAVAR)] = "auto",
-    workers: Annotated[Optional[int], typer.Option(help="Data-loading worker processes. Default: from the CPU count, none for a single batch.", metavar="N", show_default=False)] = None,
+    device: DeviceOption = "auto",
+    precision: PrecisionOption = "auto",
+    workers: ReadWorkersOption = None,
     json_output: Annotated[bool, typer.Option("--json", help="JSON lines: one object per image.")] = False,
     csv_output: Annotated[bool, typer.Option("--csv", help="CSV: path, rank, label, probability.")] = False,
-    max_image_pixels: Annotated[Optional[int], typer.Option(help=MAX_PIXELS_HELP, metavar="N", show_default=False)] = None,
+    max_image_pixels: MaxPixelsOption = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No header line, no progress bar.")] = False,
 ) -> None:
     """Top-k classes for each image. CLIP prompt files also accept class names never trained (--classes)."""

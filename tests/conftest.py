@@ -115,6 +115,25 @@ def shape_test_folder(tmp_path_factory) -> Path:
     return make_shape_folder(tmp_path_factory.mktemp("shapes_test") / "test", per_class=10, seed=2)
 
 
+@pytest.fixture(scope="session")
+def coop_args(clip_files) -> list[str]:
+    """`tune` options for CoOp on the tiny CLIP."""
+    config, weights = clip_files
+    return ["--method", "coop", "--backbone", str(config), "--weights", str(weights)]
+
+
+@pytest.fixture(scope="session")
+def coop_prompts(tmp_path_factory, clip_files, shape_folder) -> Path:
+    """A CoOp prompt file tuned for one epoch on 2 shots a class of `shape_folder` (read it, never change it)."""
+    import promptune
+
+    config, weights = clip_files
+    out = tmp_path_factory.mktemp("coop") / "coop.safetensors"
+    promptune.tune(shape_folder, method="coop", backbone=str(config), weights=str(weights), epochs=1, shots=2,
+                   batch_size=8, workers=0, device="cpu", out=out)
+    return out
+
+
 # ------------------------------------------------------------------------------------------ gradient checkpointing
 
 

@@ -17,7 +17,7 @@ from torch import nn
 
 import promptune.api
 import promptune.usercache as usercache
-from conftest import make_clip_files, make_shape_folder, make_vit_file
+from conftest import make_shape_folder, make_vit_file
 from promptune import __version__
 from promptune.artifact import PromptFile, save_prompt_file
 from promptune.backbones import freeze, load_backbone

@@ -11,7 +11,6 @@ import re
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -33,21 +32,6 @@ from conftest import make_shape_folder
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def clip_args(clip_files) -> list[str]:
-    config, weights = clip_files
-    return ["--method", "coop", "--backbone", str(config), "--weights", str(weights)]
-
-
-@pytest.fixture(scope="module")
-def prompts(tmp_path_factory, clip_files, shape_folder) -> Path:
-    config, weights = clip_files
-    out = tmp_path_factory.mktemp("messages") / "coop.safetensors"
-    promptune.tune(shape_folder, method="coop", backbone=str(config), weights=str(weights), epochs=1, shots=2,
-                   batch_size=8, workers=0, device="cpu", out=out)
-    return out
-
-
 def invoke(*args: object):
     return runner.invoke(app, [str(a) for a in args])
 
@@ -59,9 +43,9 @@ def _flat(text: str) -> str:
 # ------------------------------------------------------------------------------------------------- class lists
 
 
-def test_a_class_name_with_a_semicolon_among_several_warns_once(prompts, shape_folder):
+def test_a_class_name_with_a_semicolon_among_several_warns_once(coop_prompts, shape_folder):
     image = sorted((shape_folder / "red_square").iterdir())[0]
-    result = invoke("predict", image, image.parent, "--prompts", prompts, "--classes", "cat; dog,bird", "--device",
+    result = invoke("predict", image, image.parent, "--prompts", coop_prompts, "--classes", "cat; dog,bird", "--device",
                     "cpu", "--workers", "0", "-q")
     assert result.exit_code == 0, result.output
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
@@ -72,12 +56,12 @@ def test_a_class_name_with_a_semicolon_among_several_warns_once(prompts, shape_f
 # ---------------------------------------------------------------------------------------------- image limits
 
 
-def test_max_image_pixels_reaches_the_loader_workers(prompts, shape_folder, monkeypatch):
+def test_max_image_pixels_reaches_the_loader_workers(coop_prompts, shape_folder, monkeypatch):
     """A real 20,000 x 20,000 photo was called a decompression bomb with no way out: --max-image-pixels sets the limit,
     in the worker processes too (each shape image is 40 x 40 = 1600 pixels)."""
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # the command sets it for the process
     image = sorted((shape_folder / "red_square").iterdir())[0]
-    args = ["predict", image, "--prompts", prompts, "--device", "cpu", "--workers", "1", "-q", "--json"]
+    args = ["predict", image, "--prompts", coop_prompts, "--device", "cpu", "--workers", "1", "-q", "--json"]
     refused = invoke(*args, "--max-image-pixels", "1000")
     assert refused.exit_code == 1 and refused.stdout == ""
     assert (f"Error: {image}: unreadable image (1600 pixels is over the decompression-bomb limit of 1000 pixels; "
@@ -88,12 +72,12 @@ def test_max_image_pixels_reaches_the_loader_workers(prompts, shape_folder, monk
     assert bad.exit_code == 1 and "Error: --max-image-pixels must be at least 1, got 0." in bad.stderr
 
 
-def test_tiny_images_train_with_one_warning(tmp_path, clip_args):
+def test_tiny_images_train_with_one_warning(tmp_path, coop_args):
     """1x1 px images trained silently; now one warning with a count (the tiny CLIP sees 32 px: under 4 px warns)."""
     data = make_shape_folder(tmp_path / "data", per_class=2)
     for path in list(data.rglob("*.png"))[:4]:
         Image.new("RGB", (1, 1), (200, 40, 40)).save(path)
-    result = invoke("tune", data, *clip_args, "--epochs", "1", "--shots", "2", "--workers", "0", "--device", "cpu",
+    result = invoke("tune", data, *coop_args, "--epochs", "1", "--shots", "2", "--workers", "0", "--device", "cpu",
                     "--out", tmp_path / "p.safetensors", "--json")
     assert result.exit_code == 0, result.output
     warnings = [line for line in result.stderr.splitlines() if "px on their shorter side" in line]
@@ -105,8 +89,8 @@ def test_tiny_images_train_with_one_warning(tmp_path, clip_args):
 
 
 @pytest.mark.parametrize("epochs, words", [(1, "for 1 epoch in"), (2, "for 2 epochs in")])
-def test_the_summary_counts_epochs_in_english(epochs, words, tmp_path, shape_folder, clip_args):
-    result = invoke("tune", shape_folder, *clip_args, "--epochs", epochs, "--shots", "1", "--workers", "0",
+def test_the_summary_counts_epochs_in_english(epochs, words, tmp_path, shape_folder, coop_args):
+    result = invoke("tune", shape_folder, *coop_args, "--epochs", epochs, "--shots", "1", "--workers", "0",
                     "--device", "cpu", "--out", tmp_path / "p.safetensors", "-q")
     assert result.exit_code == 0, result.output
     assert words in result.stdout
@@ -157,11 +141,11 @@ def test_ctrl_c_ends_the_progress_line_before_the_message(monkeypatch, tmp_path,
     assert events[2].startswith("Resume with: promptune ")  # the command line as typed (here: pytest's)
 
 
-def test_a_closed_pipe_ends_predict_quietly_with_exit_0(prompts, tmp_path):
+def test_a_closed_pipe_ends_predict_quietly_with_exit_0(coop_prompts, tmp_path):
     """`promptune predict ... | head` exited 1 (and could print a traceback when Python flushed stdout at exit)."""
     folder = make_shape_folder(tmp_path / "many", per_class=20)
     classes = ",".join(f"class {i}" for i in range(60))  # 60 probabilities a line: far more output than a pipe holds
-    command = [sys.executable, "-m", "promptune", "predict", str(folder), "--prompts", str(prompts), "--classes",
+    command = [sys.executable, "-m", "promptune", "predict", str(folder), "--prompts", str(coop_prompts), "--classes",
                classes, "--top-k", "60", "--json", "-q", "--device", "cpu", "--workers", "0"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     first = process.stdout.readline()

@@ -43,28 +43,13 @@ runner = CliRunner()
 # ------------------------------------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture(scope="module")
-def clip_args(clip_files) -> list[str]:
-    config, weights = clip_files
-    return ["--method", "coop", "--backbone", str(config), "--weights", str(weights)]
-
-
-@pytest.fixture(scope="module")
-def prompts(tmp_path_factory, clip_files, shape_folder) -> Path:
-    config, weights = clip_files
-    out = tmp_path_factory.mktemp("safety") / "coop.safetensors"
-    promptune.tune(shape_folder, method="coop", backbone=str(config), weights=str(weights), epochs=1, shots=2,
-                   batch_size=8, workers=0, device="cpu", out=out)
-    return out
-
-
 @pytest.fixture()
 def data(tmp_path) -> Path:
     return make_shape_folder(tmp_path / "data", per_class=3)
 
 
-def tune(data: Path, out: Path, clip_args: list[str], *extra: object):
-    args = ["tune", data, *clip_args, "--epochs", "1", "--batch-size", "8", "--shots", "2", "--workers", "0",
+def tune(data: Path, out: Path, coop_args: list[str], *extra: object):
+    args = ["tune", data, *coop_args, "--epochs", "1", "--batch-size", "8", "--shots", "2", "--workers", "0",
             "--device", "cpu", "--out", out, "--json", *extra]
     return runner.invoke(app, [str(a) for a in args])
 
@@ -93,25 +78,25 @@ def no_images_read(monkeypatch) -> None:
 # --------------------------------------------------------------------------------------------------------- --out
 
 
-def test_out_onto_a_training_image_is_refused_and_the_image_kept(data, tmp_path, clip_args, no_images_read):
+def test_out_onto_a_training_image_is_refused_and_the_image_kept(data, tmp_path, coop_args, no_images_read):
     """`tune --out data/red_square/000.png` replaced the training image and exited 0."""
     image = data / "red_square" / "000.png"
     before = image.read_bytes()
-    line = error_line(tune(data, image, clip_args))
+    line = error_line(tune(data, image, coop_args))
     assert f"--out '{image}' is inside the class folder '{data / 'red_square'}'" in line
     assert image.read_bytes() == before
 
 
-def test_out_inside_a_class_folder_of_a_split_folder_is_refused(tmp_path, clip_args, no_images_read):
+def test_out_inside_a_class_folder_of_a_split_folder_is_refused(tmp_path, coop_args, no_images_read):
     make_shape_folder(tmp_path / "split" / "train", per_class=2)
     make_shape_folder(tmp_path / "split" / "test", per_class=2)
     out = tmp_path / "split" / "test" / "blue_triangle" / "prompts.safetensors"  # a new file, but among test images
-    assert "inside the class folder" in error_line(tune(tmp_path / "split", out, clip_args))
+    assert "inside the class folder" in error_line(tune(tmp_path / "split", out, coop_args))
     assert not out.exists()
 
 
 @pytest.mark.parametrize("kind", ["text", "weights"])
-def test_out_over_a_file_that_is_not_a_prompt_file_is_refused(kind, data, tmp_path, clip_args, clip_files,
+def test_out_over_a_file_that_is_not_a_prompt_file_is_refused(kind, data, tmp_path, coop_args, clip_files,
                                                                no_images_read):
     """A notes file, or the backbone's own safetensors weights, is never overwritten by a prompt file."""
     out = tmp_path / "notes.txt"
@@ -120,16 +105,16 @@ def test_out_over_a_file_that_is_not_a_prompt_file_is_refused(kind, data, tmp_pa
     else:
         out = Path(shutil.copy(clip_files[1], tmp_path / "model.safetensors"))
     before = out.read_bytes()
-    line = error_line(tune(data, out, clip_args))
+    line = error_line(tune(data, out, coop_args))
     assert f"--out '{out}' is an existing file that is not a promptune prompt file" in line
     assert out.read_bytes() == before
 
 
-def test_out_may_replace_an_earlier_prompt_file(data, tmp_path, clip_args, prompts):
-    out = Path(shutil.copy(prompts, tmp_path / "prompts.safetensors"))
-    result = tune(data, out, clip_args)
+def test_out_may_replace_an_earlier_prompt_file(data, tmp_path, coop_args, coop_prompts):
+    out = Path(shutil.copy(coop_prompts, tmp_path / "prompts.safetensors"))
+    result = tune(data, out, coop_args)
     assert result.exit_code == 0, result.output
-    assert out.read_bytes() != prompts.read_bytes() and is_prompt_file(out)
+    assert out.read_bytes() != coop_prompts.read_bytes() and is_prompt_file(out)
     assert not lock_path(out).exists()
 
 
@@ -149,22 +134,22 @@ def _refuse_writes_in(monkeypatch, folder: Path, code: int) -> None:
 
 
 @pytest.mark.parametrize("code, cause", [(errno.EROFS, "read-only file system"), (errno.EACCES, "permission denied")])
-def test_unwritable_out_fails_before_any_image_is_read(code, cause, data, tmp_path, clip_args, monkeypatch,
+def test_unwritable_out_fails_before_any_image_is_read(code, cause, data, tmp_path, coop_args, monkeypatch,
                                                       no_images_read):
     """`--out` on a read-only file system with --no-checkpoint trained to the end, then failed to write."""
     (tmp_path / "ro").mkdir()
     _refuse_writes_in(monkeypatch, tmp_path / "ro", code)
     out = tmp_path / "ro" / "prompts.safetensors"
-    line = error_line(tune(data, out, clip_args, "--no-checkpoint"))
+    line = error_line(tune(data, out, coop_args, "--no-checkpoint"))
     assert f"Cannot write --out '{out}' ({cause})" in line
     assert sorted((tmp_path / "ro").iterdir()) == []
 
 
-def test_unwritable_checkpoint_folder_names_the_cause(data, tmp_path, clip_args, monkeypatch, no_images_read):
+def test_unwritable_checkpoint_folder_names_the_cause(data, tmp_path, coop_args, monkeypatch, no_images_read):
     (tmp_path / "ro").mkdir()
     _refuse_writes_in(monkeypatch, tmp_path / "ro", errno.EROFS)
     folder = tmp_path / "ro" / "run.checkpoint"
-    line = error_line(tune(data, tmp_path / "prompts.safetensors", clip_args, "--checkpoint-dir", folder))
+    line = error_line(tune(data, tmp_path / "prompts.safetensors", coop_args, "--checkpoint-dir", folder))
     assert f"Cannot write checkpoints in '{folder}' (read-only file system)" in line
 
 
@@ -177,15 +162,15 @@ def _hold_lock(out: Path, pid: int) -> Path:
     return path
 
 
-def test_a_second_tune_to_the_same_out_is_refused_while_the_first_holds_the_lock(data, tmp_path, clip_args, prompts,
-                                                                                 no_images_read):
-    out = Path(shutil.copy(prompts, tmp_path / "prompts.safetensors"))
+def test_a_second_tune_to_the_same_out_is_refused_while_the_first_holds_the_lock(data, tmp_path, coop_args,
+                                                                                 coop_prompts, no_images_read):
+    out = Path(shutil.copy(coop_prompts, tmp_path / "prompts.safetensors"))
     before = out.read_bytes()
     first = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
         lock = _hold_lock(out, first.pid)
         held = lock.read_bytes()
-        line = error_line(tune(data, out, clip_args))
+        line = error_line(tune(data, out, coop_args))
         assert f"Another promptune tune (process {first.pid} on {socket.gethostname()}" in line
         assert f"is writing '{out}'" in line and "give another --out" in line
         assert lock.read_bytes() == held  # the first run's lock is never touched
@@ -196,21 +181,21 @@ def test_a_second_tune_to_the_same_out_is_refused_while_the_first_holds_the_lock
         first.wait()
 
 
-def test_a_stale_lock_of_a_dead_process_is_taken_over_with_a_note(data, tmp_path, clip_args):
+def test_a_stale_lock_of_a_dead_process_is_taken_over_with_a_note(data, tmp_path, coop_args):
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     out = tmp_path / "prompts.safetensors"
     _hold_lock(out, gone.pid)
-    result = tune(data, out, clip_args)
+    result = tune(data, out, coop_args)
     assert result.exit_code == 0, result.output
     assert f"note: taking over the lock '{lock_path(out)}' of a run that no longer runs (process {gone.pid}" in result.stderr
     assert is_prompt_file(out) and not lock_path(out).exists()
 
 
-def test_two_real_tune_processes_to_one_out(data, tmp_path, clip_args):
+def test_two_real_tune_processes_to_one_out(data, tmp_path, coop_args):
     """The first process holds the lock from its checks to its last write; a second run meanwhile is refused."""
     out = tmp_path / "prompts.safetensors"
-    command = [sys.executable, "-m", "promptune", "tune", str(data), *clip_args, "--epochs", "100000",
+    command = [sys.executable, "-m", "promptune", "tune", str(data), *coop_args, "--epochs", "100000",
                "--batch-size", "4", "--workers", "0", "--device", "cpu", "--out", str(out), "-q"]
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -220,7 +205,7 @@ def test_two_real_tune_processes_to_one_out(data, tmp_path, clip_args):
             assert first.poll() is None, first.communicate()
             assert time.monotonic() < deadline, "the first run never started training"
             time.sleep(0.05)
-        line = error_line(tune(data, out, clip_args))
+        line = error_line(tune(data, out, coop_args))
         assert f"Another promptune tune (process {first.pid} on" in line
     finally:
         first.send_signal(signal.SIGTERM)
@@ -252,27 +237,27 @@ def test_a_checkpoint_inside_the_data_folder_is_not_a_class_and_the_run_resumes(
     assert not folder.exists()  # removed with its marker once the prompt file is written
 
 
-def test_a_report_inside_the_evaluated_folder_is_not_a_class(data, prompts):
+def test_a_report_inside_the_evaluated_folder_is_not_a_class(data, coop_prompts):
     for _ in range(2):  # the second eval finds the first one's report folder in DATA_DIR
-        result = runner.invoke(app, ["eval", str(data), "--prompts", str(prompts), "--report", str(data / "report"),
-                                     "--device", "cpu", "--workers", "0", "--json", "--quiet"])
+        result = runner.invoke(app, ["eval", str(data), "--prompts", str(coop_prompts), "--report",
+                                     str(data / "report"), "--device", "cpu", "--workers", "0", "--json", "--quiet"])
         assert result.exit_code == 0, result.output
         assert json.loads(result.stdout)["n_classes"] == 3
     assert (data / "report" / "confusion.png").is_file() and (data / "report" / MARKER_NAME).is_file()
 
 
-def test_a_report_into_a_class_folder_is_refused(data, prompts):
+def test_a_report_into_a_class_folder_is_refused(data, coop_prompts):
     """`eval --report data/red_square` wrote confusion.png among the images, and the next tune trained on it."""
     before = sorted(p.name for p in (data / "red_square").iterdir())
-    result = runner.invoke(app, ["eval", str(data), "--prompts", str(prompts), "--report", str(data / "red_square"),
-                                 "--device", "cpu", "--workers", "0"])
+    result = runner.invoke(app, ["eval", str(data), "--prompts", str(coop_prompts), "--report",
+                                 str(data / "red_square"), "--device", "cpu", "--workers", "0"])
     line = error_line(result)
     assert f"--report '{data / 'red_square'}' holds 3 images (a class folder?)" in line
     assert sorted(p.name for p in (data / "red_square").iterdir()) == before
 
 
-def test_a_report_in_a_new_folder_below_a_class_folder_is_never_read_as_images(data, prompts):
-    result = runner.invoke(app, ["eval", str(data), "--prompts", str(prompts), "--report",
+def test_a_report_in_a_new_folder_below_a_class_folder_is_never_read_as_images(data, coop_prompts):
+    result = runner.invoke(app, ["eval", str(data), "--prompts", str(coop_prompts), "--report",
                                  str(data / "red_square" / "report"), "--device", "cpu", "--workers", "0", "-q"])
     assert result.exit_code == 0, result.output
     assert (data / "red_square" / "report" / "confusion.png").is_file()
@@ -283,8 +268,8 @@ def test_a_report_in_a_new_folder_below_a_class_folder_is_never_read_as_images(d
 
 
 @pytest.fixture(scope="module")
-def model(prompts):
-    return promptune.load(prompts, device="cpu")
+def model(coop_prompts):
+    return promptune.load(coop_prompts, device="cpu")
 
 
 def _probabilities(predictions) -> list[list[float]]:
@@ -347,14 +332,14 @@ def test_predict_refuses_a_numpy_array_naming_its_type(model):
         model.predict(numpy.zeros((8, 8, 3), dtype=numpy.uint8), workers=0)
 
 
-def test_predict_on_a_folder_without_images_says_so(prompts, tmp_path):
+def test_predict_on_a_folder_without_images_says_so(coop_prompts, tmp_path):
     """It said "no such file or image" for a folder that exists."""
     folder = tmp_path / "docs"
     folder.mkdir()
     (folder / "notes.txt").write_text("x")
     (folder / "table.csv").write_text("x")
     (folder / ".hidden").write_text("x")
-    result = runner.invoke(app, ["predict", str(folder), "--prompts", str(prompts), "--device", "cpu", "-q"])
+    result = runner.invoke(app, ["predict", str(folder), "--prompts", str(coop_prompts), "--device", "cpu", "-q"])
     assert result.exit_code == 1
     assert f"Error: {folder}: a folder with no images (2 files of other types skipped)." in result.stderr
 
@@ -362,14 +347,14 @@ def test_predict_on_a_folder_without_images_says_so(prompts, tmp_path):
 # --------------------------------------------------------------------------------------- evaluating training images
 
 
-def test_the_prompt_file_recognises_its_training_images_and_eval_warns(prompts, shape_folder, shape_test_folder):
+def test_the_prompt_file_recognises_its_training_images_and_eval_warns(coop_prompts, shape_folder, shape_test_folder):
     """`eval` on the training folder reported inflated figures without a word."""
-    recorded = load_prompt_file(prompts).training["train_image_sha256"]
+    recorded = load_prompt_file(coop_prompts).training["train_image_sha256"]
     on_disk = {fileio.file_sha256(path)[:12] for path in shape_folder.rglob("*.png")}
-    assert len(recorded) == load_prompt_file(prompts).training["train_images"] == 6  # 2 shots x 3 classes
+    assert len(recorded) == load_prompt_file(coop_prompts).training["train_images"] == 6  # 2 shots x 3 classes
     assert recorded == sorted(recorded) and set(recorded) <= on_disk and all(len(h) == 12 for h in recorded)
 
-    args = ["--prompts", str(prompts), "--device", "cpu", "--workers", "0", "--json", "--no-zero-shot"]
+    args = ["--prompts", str(coop_prompts), "--device", "cpu", "--workers", "0", "--json", "--no-zero-shot"]
     on_training = runner.invoke(app, ["eval", str(shape_folder), *args])
     assert on_training.exit_code == 0, on_training.output
     assert json.loads(on_training.stdout)["training_images"] == 6

@@ -19,7 +19,6 @@ on a shared machine.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import pstats
