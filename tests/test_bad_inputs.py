@@ -29,7 +29,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-import promptune
 from promptune.artifact import load_prompt_file
 from promptune.cli import app
 from promptune.train import Trainer
@@ -47,16 +46,6 @@ TOP = 10**30  # an absurd number: parses as an int, far beyond any sensible valu
 def clip_args(clip_files) -> list[str]:
     config, weights = clip_files
     return ["--backbone", str(config), "--weights", str(weights)]
-
-
-@pytest.fixture(scope="module")
-def prompts(tmp_path_factory, clip_files, shape_folder) -> Path:
-    """A CoOp prompt file (n_ctx 16) on the tiny CLIP, from one short epoch."""
-    config, weights = clip_files
-    out = tmp_path_factory.mktemp("bad_inputs") / "coop.safetensors"
-    promptune.tune(shape_folder, method="coop", backbone=str(config), weights=str(weights), epochs=1, shots=2,
-                   batch_size=8, workers=0, device="cpu", out=out)
-    return out
 
 
 @dataclass
@@ -106,9 +95,9 @@ class Env:
 
 
 @pytest.fixture()
-def env(tmp_path, monkeypatch, clip_args, vit_file, prompts) -> Env:
+def env(tmp_path, monkeypatch, clip_args, vit_file, coop_prompts) -> Env:
     monkeypatch.chdir(tmp_path)  # a command that wrongly falls back to ./prompts.safetensors writes here
-    e = Env(tmp_path, clip_args, ["--backbone", "test_vit", "--weights", str(vit_file)], prompts,
+    e = Env(tmp_path, clip_args, ["--backbone", "test_vit", "--weights", str(vit_file)], coop_prompts,
             make_shape_folder(tmp_path / "images", per_class=2), monkeypatch)
     real_load = ImageFile.ImageFile.load
     monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: e.decoded.append(str(self.filename)) or real_load(self))
