@@ -81,6 +81,8 @@ PRECISION_METAVAR = _choices(PRECISION_CHOICES)
 DeviceOption = Annotated[str, typer.Option(help=DEVICE_HELP, metavar=DEVICE_METAVAR)]
 PrecisionOption = Annotated[str, typer.Option(help=PRECISION_HELP, metavar=PRECISION_METAVAR)]
 MaxPixelsOption = Annotated[Optional[int], typer.Option(help=MAX_PIXELS_HELP, metavar="N", show_default=False)]
+PromptsOption = Annotated[Path, typer.Option("--prompts", "-p", help="Prompt file written by `promptune tune`.",
+                                             metavar="FILE", show_default=False)]
 BackboneOverride = Annotated[Optional[str], typer.Option(
     help="Override the backbone named in the prompt file (must be the same).", metavar="NAME", show_default=False)]
 WeightsOverride = Annotated[Optional[str], typer.Option(
@@ -402,7 +404,7 @@ def _pct(value: Optional[float], decimals: int = 1) -> str:
 @app.command("eval", cls=Command)
 def evaluate(
     data_dir: Annotated[Path, typer.Argument(help="Folder with one sub-folder of images per class (test/ used when present).", show_default=False, metavar="DATA_DIR")],
-    prompts: Annotated[Path, typer.Option("--prompts", "-p", help="Prompt file written by `promptune tune`.", metavar="FILE", show_default=False)],
+    prompts: PromptsOption,
     backbone: BackboneOverride = None,
     weights: WeightsOverride = None,
     batch_size: Annotated[int, typer.Option(help="Images per batch.", metavar="N")] = 64,
@@ -483,7 +485,7 @@ def _read_classes(classes: Optional[str], classes_file: Optional[Path]) -> Optio
 @app.command(cls=Command)
 def predict(
     paths: Annotated[list[str], typer.Argument(help="Images, folders or glob patterns.", show_default=False, metavar="PATH")],
-    prompts: Annotated[Path, typer.Option("--prompts", "-p", help="Prompt file written by `promptune tune`.", metavar="FILE", show_default=False)],
+    prompts: PromptsOption,
     top_k: Annotated[int, typer.Option(help="How many classes to show per image.", metavar="K")] = 5,
     classes: Annotated[Optional[str], typer.Option(help="Comma-separated class names to classify into instead of the trained ones (CLIP methods), at least two.", metavar="'A,B,...'", show_default=False)] = None,
     classes_file: Annotated[Optional[Path], typer.Option(help="File with one class name per line (CLIP methods).", metavar="FILE", show_default=False)] = None,
