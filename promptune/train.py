@@ -224,8 +224,9 @@ class ParameterEMA:
 
     @torch.no_grad()
     def update(self) -> None:
-        for name, p in self.parameters.items():
-            self.average[name].lerp_(p.detach(), 1.0 - self.decay)
+        # one multi-tensor op, not one per tensor: it runs after every optimiser step (SEP has 267 learned tensors)
+        torch._foreach_lerp_(list(self.average.values()), [p.detach() for p in self.parameters.values()],
+                             1.0 - self.decay)
 
     @torch.no_grad()
     def copy_to_parameters(self) -> None:
@@ -265,7 +266,6 @@ class _Unread:
     hits: list[torch.Tensor] = field(default_factory=list)
     here: list[int] = field(default_factory=list)  # this process's images per step
     images_per_step: list[int] = field(default_factory=list)  # all processes' images per step
-    images: int = 0  # all processes' images in these steps
     read_at: float | None = None  # when steps were last read back in this epoch (None: not yet)
 
     def add(self, loss: torch.Tensor, hits: torch.Tensor, here: int, images: int) -> None:
@@ -273,11 +273,10 @@ class _Unread:
         self.hits.append(hits)
         self.here.append(here)
         self.images_per_step.append(images)
-        self.images += images
 
     def clear(self) -> None:
         """Forget the steps once read; `read_at` says when that was."""
-        self.losses, self.hits, self.here, self.images_per_step, self.images = [], [], [], [], 0
+        self.losses, self.hits, self.here, self.images_per_step = [], [], [], []
         self.read_at = time.perf_counter()
 
 
@@ -374,7 +373,7 @@ class Trainer:
                     self._read(unread)
                 elapsed = seconds_before + time.perf_counter() - start
                 reporter.step(self._shown_loss, progress.correct / max(progress.seen, 1),
-                              (progress.seen + unread.images) / max(elapsed, 1e-9))
+                              (progress.seen + sum(unread.images_per_step)) / max(elapsed, 1e-9))
             progress.step += 1
             progress.seconds = seconds_before + time.perf_counter() - start
             if runtime.any(should_stop()):
