@@ -192,34 +192,38 @@ class Runtime:
 
 
 # The modules whose weights autocast casts to its low-precision dtype in every forward (matmuls and convolutions).
-_AUTOCAST_LOW_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_AUTOCAST_LOW_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention)
 
 
 def cast_frozen_weights(module: nn.Module, dtype: torch.dtype) -> int:
     """Cast, once, the frozen fp32 weights that autocast would cast to `dtype` in every forward: the weights and biases
-    of linear and convolution layers. Returns how many tensors were cast.
+    of linear and convolution layers, and the projections of `nn.MultiheadAttention` (open_clip's blocks). Returns how
+    many tensors were cast.
 
     Autocast keeps its casts of tensors that require grad for the whole forward, but re-casts frozen weights at every
     use: about 1,300 copies per SEP step on a ViT-B/16. Cast here, those ops receive the very tensors autocast would
     have made, so outputs and gradients are unchanged. Everything else keeps its dtype: learned parameters (fp32
     master weights), layer norms (autocast runs them, and softmax, in fp32), embeddings, positional and class
-    embeddings, projections applied with `@`, buffers. So do the projections of `nn.MultiheadAttention` (open_clip's
-    blocks): it takes its fused inference kernel only when its weights have the input's dtype, and low-precision
-    weights would swap that kernel for the unfused path (outputs 1 ulp apart). Only for modules that run under
-    autocast: a forward outside it would meet fp32 inputs and low-precision weights.
+    embeddings, projections applied with `@`, buffers. Only for modules that run under CUDA autocast: a forward
+    outside it would meet fp32 inputs and low-precision weights. (nn.MultiheadAttention takes its fused inference
+    kernel only when its weights have the input's dtype, but never under CUDA autocast, so casting its projections
+    changes no kernel there.)
     """
-    attention = {id(p) for layer in module.modules() if isinstance(layer, nn.MultiheadAttention)
-                 for p in layer.parameters()}
     cast = 0
     for layer in module.modules():
         if not isinstance(layer, _AUTOCAST_LOW_MODULES):
             continue
-        for weight in (layer.weight, layer.bias):
-            if (weight is not None and not weight.requires_grad and weight.dtype == torch.float32
-                    and id(weight) not in attention):
+        for weight in _matmul_weights(layer):
+            if weight is not None and not weight.requires_grad and weight.dtype == torch.float32:
                 weight.data = weight.data.to(dtype)
                 cast += 1
     return cast
+
+
+def _matmul_weights(layer: nn.Module) -> list[torch.Tensor | None]:
+    if isinstance(layer, nn.MultiheadAttention):  # its out_proj is an nn.Linear, reached on its own
+        return [layer.in_proj_weight, layer.in_proj_bias, layer.q_proj_weight, layer.k_proj_weight, layer.v_proj_weight]
+    return [layer.weight, layer.bias]
 
 
 def check_processes(processes: int, device: str) -> None:

@@ -13,6 +13,7 @@ import open_clip
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from promptune.backbones import load_backbone
 from promptune.methods import clip_common
@@ -20,6 +21,18 @@ from promptune.methods.clip_common import call_resblock
 from promptune.methods.sep import SEP, FusionAttention, QuickGELU, TokenFusion, fusion_heads, select_tokens
 from promptune.train import TrainConfig, build_optimizer
 from sep_reference import PreviousImplementation, ReferenceTokenFusion, per_parameter_adam, reference_select
+
+
+class OpNames(TorchDispatchMode):
+    """The names of the aten ops dispatched while active, in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
 
 
 def randomize(module: nn.Module, seed: int) -> None:
@@ -101,6 +114,21 @@ def test_token_fusion_under_bf16_autocast_matches_the_reference():
     torch.testing.assert_close(out_new.float(), out_ref.float(), atol=5e-2, rtol=5e-2)
 
 
+def test_token_fusion_computes_in_fp32_under_autocast():
+    """The TFM leaves autocast: the same fp32 result as without it, and not one dtype cast."""
+    fusion = TokenFusion(128, 64, 0.75)
+    randomize(fusion, seed=1)
+    x = fusion_inputs(4, 4, 128, seed=2).detach()
+    expected = fusion(x[:, 1:5], x[:, 5:9])
+    with torch.autocast("cpu", dtype=torch.bfloat16), OpNames() as ops:
+        out = fusion(x[:, 1:5], x[:, 5:9])
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    assert ops.names and "_to_copy" not in ops.names
+    half = fusion(x[:, 1:5].bfloat16(), x[:, 5:9].bfloat16())  # a low-precision token stream gets its dtype back
+    assert half.dtype == torch.bfloat16
+
+
 def test_token_selection_ranks_as_the_mean_square_did():
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(6, 50, 32, generator=generator) * torch.rand(6, 50, 1, generator=generator) * 3
@@ -178,6 +206,23 @@ def test_lean_resblock_takes_only_blocks_it_knows(monkeypatch):
     assert not calls
     call_resblock(plain, x, None, True)
     assert len(calls) == 1
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda *args: True)  # CUDA autocast: no fused path to take
+    call_resblock(plain, x.detach(), None, True)
+    assert len(calls) == 2
+
+
+def test_without_the_fused_path_a_no_grad_block_runs_lean_and_equal(monkeypatch):
+    """With torch's MHA fast path off (as under CUDA autocast) nn.MultiheadAttention runs its generic path; the lean
+    path gives the same tokens in fewer ops."""
+    block = _blocks(True, None)[0]
+    x = torch.randn(3, 9, 64, generator=torch.Generator().manual_seed(7))
+    monkeypatch.setattr(torch.backends.mha, "get_fastpath_enabled", lambda: False)
+    with torch.no_grad(), OpNames() as lean_ops:
+        lean = call_resblock(block, x, None, True)
+    with torch.no_grad(), OpNames() as generic_ops:
+        generic = block(x)
+    torch.testing.assert_close(lean, generic, atol=1e-5, rtol=1e-5)
+    assert 0 < len(lean_ops.names) < len(generic_ops.names)
 
 
 # --------------------------------------------------------------------------------------------------- the SEP model

@@ -16,10 +16,13 @@ def call_resblock(block: nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | N
     through the block (a prompted training forward), `nn.MultiheadAttention` leaves its fused fast path for a generic
     one of about 50 ops forward and as many backward, mostly layout shuffles around one
     `scaled_dot_product_attention`; open_clip's plain `ResidualAttentionBlock` then runs its own parameters through the
-    same math in about half the ops (`_lean_resblock`). Other blocks, and forwards without autograd, run the block.
+    same math in about half the ops (`_lean_resblock`). So does a forward without autograd when the fused path is
+    off: under CUDA autocast (nn.MultiheadAttention never takes it there) or with torch's MHA fast path disabled.
+    Other blocks, and the forwards that can take the fused path, run the block.
     """
     plain_mask = attn_mask is None or attn_mask.is_floating_point()  # nn.MultiheadAttention reads bool masks inverted
-    if torch.is_grad_enabled() and x.requires_grad and plain_mask and _is_plain_resblock(block):
+    generic = (torch.is_grad_enabled() and x.requires_grad) or not _fast_path_possible()
+    if generic and plain_mask and _is_plain_resblock(block):
         return _lean_resblock(block, x, attn_mask)
     if batch_first:
         return block(x, attn_mask=attn_mask)
@@ -36,6 +39,12 @@ def clip_logits(clip: nn.Module, image: torch.Tensor, text: torch.Tensor) -> tor
     logits = clip.logit_scale.exp() * image @ text.t().to(image.dtype)
     bias = getattr(clip, "logit_bias", None)
     return logits if bias is None else logits + bias.to(logits.dtype)
+
+
+def _fast_path_possible() -> bool:
+    """Whether nn.MultiheadAttention may take its fused inference path: not when torch's MHA fast path is disabled, nor
+    under CUDA autocast (`torch.is_autocast_enabled()` without a device asks about CUDA, as nn.MultiheadAttention does)."""
+    return torch.backends.mha.get_fastpath_enabled() and not torch.is_autocast_enabled()
 
 
 def _is_plain_resblock(block: nn.Module) -> bool:

@@ -98,6 +98,10 @@ class TokenFusion(nn.Module):
     h = g1·rep + (1 − g1)·MHA(LN1(prompt), LN1(rep), LN1(rep));  out = g2·h + (1 − g2)·MLP(LN2(h)).
     Slot j of the output is anchored on representative token j, so both inputs carry the same number of tokens.
     Each gated sum is one `torch.lerp`.
+
+    It always computes in its parameters' dtype (fp32), autocast or not: its matmuls are a few rows wide, so mixed
+    precision saves no time here, while casting its weights and activations to bf16 and back cost ~28 extra kernels per
+    module and step (forward and backward) out of the ~100 it launches.
     """
 
     def __init__(self, width: int, hidden: int, gate_init: float) -> None:
@@ -119,11 +123,11 @@ class TokenFusion(nn.Module):
         """prompts, reps: (N, K, D) -> fused prompt states (N, K, D), in the inputs' dtype."""
         dtype = prompts.dtype
         weight_dtype = self.ln_1.weight.dtype
-        prompts, reps = prompts.to(weight_dtype), reps.to(weight_dtype)
-        attended = self.attn(self.ln_1(prompts), self.ln_1(reps)).to(weight_dtype)  # autocast computes it in bf16/fp16
-        h = torch.lerp(attended, reps, self.gate_1)  # (N, K, D)
-        update = self.mlp(self.ln_2(h).reshape(-1, h.shape[-1])).view_as(h).to(weight_dtype)  # MLP on (N·K, D) rows
-        return torch.lerp(update, h, self.gate_2).to(dtype)
+        with torch.autocast(prompts.device.type, enabled=False):
+            prompts, reps = prompts.to(weight_dtype), reps.to(weight_dtype)
+            h = torch.lerp(self.attn(self.ln_1(prompts), self.ln_1(reps)), reps, self.gate_1)  # (N, K, D)
+            update = self.mlp(self.ln_2(h).reshape(-1, h.shape[-1])).view_as(h)  # the MLP on (N·K, D) rows
+            return torch.lerp(update, h, self.gate_2).to(dtype)
 
 
 def select_tokens(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -300,6 +304,12 @@ class SEP(ClipPromptMethod):
         if not prompts:
             return self.image_tower(images, attn_mask=attn_mask)
         return self.image_tower(images, self.ctx_v, self._visual_hook, self.checkpointing_active(), attn_mask)
+
+    def frozen_image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """CLIP's own normalised image features (B, E), through the same tower adapter as the prompted pass: its
+        blocks take the lean path wherever nn.MultiheadAttention's fused one is off (CUDA autocast)."""
+        with torch.no_grad():
+            return F.normalize(self.image_tower(images), dim=-1)
 
     def image_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(ensembled prompted features, frozen features), both normalised (B, E)."""

@@ -8,7 +8,13 @@ the same way, so the CPU counts the copies a GPU step no longer launches: each c
 counts the ops of one `Trainer.train_step` (forward, backward, fused optimiser step) under CPU bf16 autocast, with
 fp32 frozen weights and on a copy of the model with them cast, in one process; both sides' loss before any update is
 reported too (equal: the cast weights are the very tensors autocast made). `copies` counts the `_to_copy` and `copy_`
-ops among them. Op counts do not depend on the batch size or the machine's load.
+ops among them, `kernels` the ops that are not views (what launches a kernel on a GPU). Op counts do not depend on
+the batch size or the machine's load.
+
+The whole run keeps torch's MHA fast path off, as CUDA autocast does (`nn.MultiheadAttention` never takes its fused
+path there); CPU autocast would otherwise take it in the no-grad passes and count ops no GPU step runs.
+
+    PYTHONPATH=OLD_CHECKOUT python tests/benchmarks/bench_cast_frozen.py --method sep   # an older promptune's counts
 """
 
 from __future__ import annotations
@@ -25,6 +31,9 @@ import _common as common  # noqa: E402
 import torch  # noqa: E402
 
 COPY_OPS = ("_to_copy", "copy_")
+VIEW_OPS = ("view", "_unsafe_view", "t", "transpose", "permute", "detach", "slice", "select", "split",
+            "split_with_sizes", "unbind", "expand", "unsqueeze", "squeeze", "as_strided", "alias", "reshape", "unflatten",
+            "chunk", "narrow", "view_as", "_reshape_alias")
 
 
 def case(method_name: str, backbone_name: str, batch: int, classes: int) -> dict[str, Any]:
@@ -55,7 +64,7 @@ def case(method_name: str, backbone_name: str, batch: int, classes: int) -> dict
             trainer.train_step(images, labels)
         ops: Counter = counter.by_op
         result[side] = {"aten_ops_per_step": counter.total, "copies": sum(ops[name] for name in COPY_OPS),
-                        "first_loss": float(loss)}
+                        "kernels": counter.total - sum(ops[name] for name in VIEW_OPS), "first_loss": float(loss)}
     result["same_first_loss"] = result["fp32_frozen"]["first_loss"] == result["cast_frozen"]["first_loss"]
     result["ops_over_fp32_frozen"] = common.ratio(result["cast_frozen"]["aten_ops_per_step"],
                                                   result["fp32_frozen"]["aten_ops_per_step"])
@@ -68,10 +77,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--classes", type=int, default=100)
     args = parser.parse_args()
+    torch.backends.mha.set_fastpath_enabled(False)  # as under CUDA autocast
+    import promptune
+
     report: dict[str, Any] = {
         "benchmark": "aten ops per training step under bf16 autocast: frozen weights fp32 vs cast once",
         "inputs": {"batch": args.batch, "classes": args.classes, "device": "cpu", "autocast": "bfloat16",
-                   "backbones": {"clip": common.DEFAULT_CLIP, "vit": common.DEFAULT_VIT}},
+                   "backbones": {"clip": common.DEFAULT_CLIP, "vit": common.DEFAULT_VIT}, "mha_fast_path": False,
+                   "promptune": str(Path(promptune.__file__).resolve().parent)},
         "results": {},
     }
     for name in args.method or ["sep", "coop", "spt", "vpt"]:
