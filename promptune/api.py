@@ -80,8 +80,8 @@ def tune(
     """Learn prompts for the classes in `data_dir` and write them to `out` (atomically); see `promptune.run.TuneRun`.
 
     `grad_checkpointing` recomputes the frozen blocks' activations in the backward pass (less memory, ~1.3x the
-    step time); `compile_step` runs the training step through `torch.compile` (the first step waits for the
-    compilation; only long GPU runs can repay it, not yet measured there).
+    step time); `compile_step` runs the training step through `torch.compile`, captured as CUDA graphs on one CUDA
+    GPU (`promptune.train.compile_mode`; the first step waits for the compilation, which only long runs repay).
     With `checkpoint`, the run's state is saved in `checkpoint_dir` (default: beside `out`) after every epoch and on
     SIGINT/SIGTERM (then `RunInterrupted` is raised); `resume` continues from it, ending with the same prompt tensors
     as an uninterrupted run. The checkpoint is removed once the prompt file is written.

@@ -309,7 +309,7 @@ def tune(
     pool_window: Annotated[Optional[int], _method_option("pool_window")] = None,
     pool: Annotated[Optional[str], _method_option("pool")] = None,
     grad_checkpointing: Annotated[bool, typer.Option("--grad-checkpointing", help="Recompute the frozen blocks' activations in the backward pass: less memory, ~1.3x step time (large backbones).")] = False,
-    compile_step: Annotated[bool, typer.Option("--compile", help="Compile the training step with torch.compile (one graph, no graph break). The first step waits for the compilation (30-60 s on a CPU even for tiny models, more for real backbones); worth trying only for long GPU runs, where it is not yet measured.")] = False,
+    compile_step: Annotated[bool, typer.Option("--compile", help="Compile the training step with torch.compile (one graph, no graph break). On one CUDA GPU its forward and backward are also captured as CUDA graphs (mode reduce-overhead), so steps of many small kernels (SEP) stop waiting on their launches; elsewhere the compiled kernels are fused only. The first step, and the first of each new batch size, waits for the compilation (30-60 s on a CPU even for tiny models, minutes for real backbones): worth it for long runs only.")] = False,
     checkpoint_dir: Annotated[Optional[Path], typer.Option(help="Folder for the per-epoch checkpoint. Default: beside --out (prompts.checkpoint/).", metavar="DIR", show_default=False)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run whose checkpoint is in --checkpoint-dir (same data and options).")] = False,
     no_checkpoint: Annotated[bool, typer.Option("--no-checkpoint", help="Do not save checkpoints (Ctrl-C then loses the run).")] = False,

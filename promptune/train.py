@@ -188,6 +188,17 @@ def accuracy(method: nn.Module, loader: Iterable[Batch], runtime: Runtime) -> fl
     return correct / total if total else None
 
 
+# `torch.compile` mode of a compiled training step on one CUDA GPU: the compiled forward and backward are captured as
+# CUDA graphs and replayed, so a step of many small kernels (SEP's fusion modules) no longer waits on their launches.
+CAPTURE_MODE = "reduce-overhead"
+
+
+def compile_mode(runtime: Runtime) -> str | None:
+    """`torch.compile`'s mode for --compile: CUDA-graph capture on one CUDA GPU; elsewhere (CPU, MPS, several
+    processes under DDP) the default mode, which fuses the step's kernels without capturing them."""
+    return CAPTURE_MODE if runtime.device.type == "cuda" and not runtime.distributed else None
+
+
 class TrainStep(nn.Module):
     """The forward of one training step, `(loss, logits)` of the method for a batch, as one module: what DDP and
     `torch.compile` wrap. It owns no state; the method's learned parameters are its parameters."""
@@ -311,7 +322,8 @@ class Trainer:
         self.method = method
         self.step = TrainStep(method)
         wrapped = runtime.wrap(self.step, find_unused_parameters=method.has_unused_parameters())
-        self.forward: nn.Module = torch.compile(wrapped) if compile_step else wrapped
+        self.compile_mode = compile_mode(runtime) if compile_step else None
+        self.forward: nn.Module = torch.compile(wrapped, mode=self.compile_mode) if compile_step else wrapped
         self.cfg = cfg
         self.runtime = runtime
         self.optimizer = build_optimizer(optimizer_groups(method, cfg), cfg)
@@ -337,14 +349,19 @@ class Trainer:
         weight = (this process's images x processes / images of all processes), that average is the gradient of the
         mean loss over all the step's images, also when the processes' batches differ in size.
         """
+        self.optimizer.zero_grad(set_to_none=True)  # before the forward: no gradient of the last step is alive in it
+        captured = self.compile_mode == CAPTURE_MODE
+        if captured:
+            torch.compiler.cudagraph_mark_step_begin()
         with self.runtime.autocast():
             loss, logits = self.forward(images, labels)
-        self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss if weight == 1.0 else loss * weight).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.schedule.step()
-        return loss.detach(), (logits.detach().argmax(-1) == labels).sum()
+        hits = (logits.detach().argmax(-1) == labels).sum()
+        # A captured step's outputs live in CUDA-graph memory that its next replay overwrites: keep a copy of the loss.
+        return (loss.detach().clone() if captured else loss.detach()), hits
 
     def run_epoch(self, loader: Iterable[Batch], reporter: Reporter, should_stop: Callable[[], bool] = _never) -> bool:
         """Train over `loader`, adding to `self.progress`; False when `should_stop` cut the epoch short.

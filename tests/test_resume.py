@@ -20,7 +20,7 @@ from promptune.checkpoint import INDEX_NAME, CheckpointError, default_checkpoint
 from promptune.stop import RunInterrupted, StopSignals
 from promptune.reporting import SilentReporter
 from promptune.runtime import Runtime
-from promptune.train import Trainer, TrainConfig, TrainStep
+from promptune.train import CAPTURE_MODE, Trainer, TrainConfig, TrainStep, compile_mode
 
 from conftest import make_shape_folder
 
@@ -192,6 +192,37 @@ def test_trainer_compile_option_wraps_the_training_step():
     assert plain.forward(images, None)[1] is images  # the step's forward is the method's training loss
     compiled = Trainer(model, cfg, Runtime(torch.device("cpu")), 1, compile_step=True)
     assert compiled.forward is not compiled.step and compiled.forward._orig_mod is compiled.step  # compiled lazily
+    assert compiled.compile_mode is None and plain.compile_mode is None  # the CPU fuses kernels, captures nothing
+
+
+def test_compile_captures_cuda_graphs_on_one_gpu_only():
+    assert compile_mode(Runtime(torch.device("cuda", 0))) == CAPTURE_MODE == "reduce-overhead"
+    assert compile_mode(Runtime(torch.device("cuda", 0), rank=1, world_size=2)) is None  # DDP: fused kernels only
+    assert compile_mode(Runtime(torch.device("cpu"))) is None
+    assert compile_mode(Runtime(torch.device("mps"))) is None
+
+
+def test_a_captured_step_marks_each_step_and_keeps_a_copy_of_its_loss(monkeypatch):
+    """CUDA-graph replays overwrite the previous replay's outputs: the step's loss is read later (once per refresh),
+    so a captured step returns a copy, and tells torch where each step begins."""
+    model = torch.nn.Linear(2, 3)
+    model.training_loss = lambda images, labels: (model(images).square().mean(), model(images))
+    model.param_groups = lambda decay: [{"params": list(model.parameters()), "weight_decay": decay}]
+    model.has_unused_parameters = lambda: False
+    cfg = TrainConfig(epochs=1, lr=0.1, weight_decay=0.0, batch_size=2)
+    trainer = Trainer(model, cfg, Runtime(torch.device("cpu")), 1)
+    outputs, marks = [], []
+    step = trainer.forward
+    trainer.forward = lambda *args: outputs.append(step(*args)) or outputs[-1]
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    images, labels = torch.ones(2, 2), torch.tensor([0, 1])
+    loss, _ = trainer.train_step(images, labels)
+    assert loss.untyped_storage().data_ptr() == outputs[0][0].untyped_storage().data_ptr() and not marks  # eager
+    trainer.compile_mode = CAPTURE_MODE
+    loss, hits = trainer.train_step(images, labels)
+    assert marks == [1]
+    assert loss.untyped_storage().data_ptr() != outputs[1][0].untyped_storage().data_ptr()
+    torch.testing.assert_close(loss, outputs[1][0].detach(), rtol=0, atol=0)
 
 
 def test_stop_signals_outside_training_and_twice():

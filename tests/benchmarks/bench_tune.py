@@ -459,6 +459,15 @@ def single(spec: dict[str, Any]) -> dict[str, Any]:
 
         runs = {"step": step}
         counted = (step, trainer, method)
+        if spec.get("compile"):  # a second trainer over the same parameters, its step compiled (captured on CUDA)
+            compiled = Trainer(method, config, common.runtime(device, amp_dtype), steps_per_epoch=10**6,
+                               compile_step=True)
+            result["compile_mode"] = getattr(compiled, "compile_mode", "default")
+
+            def step_compiled() -> None:
+                compiled.train_step(images, labels)
+
+            runs["compiled_step"] = step_compiled
         if spec.get("untrimmed") and text is not None:
             runs["untrimmed_step"] = step_untrimmed
         if spec.get("interleave_checkpointing"):
@@ -467,9 +476,14 @@ def single(spec: dict[str, Any]) -> dict[str, Any]:
             runs["reference_step"] = _reference_step(method, config, device, images, labels)
 
     memory = common.PeakMemory(device)
-    for run in runs.values():
-        for _ in range(max(warmup, 1) if counted is not None else warmup):
-            run()
+    first_call_s = {}
+    for name, run in runs.items():
+        for index in range(max(warmup, 1) if counted is not None else warmup):
+            seconds = common.timed(run, device)
+            if index == 0:
+                first_call_s[name] = round(seconds, 3)  # a compiled step's first call is its compilation
+    if "compiled_step" in runs:
+        result["first_call_s"] = first_call_s
     if counted is not None:  # after a warm-up step, so the optimiser state exists as in every later step
         result.update(count_step_ops(*counted))
     if "reference_step" in runs:
@@ -490,6 +504,8 @@ def single(spec: dict[str, Any]) -> dict[str, Any]:
         result["step_over_reference_step"] = common.ratio(result["step"]["median_ms"], result["reference_step"]["median_ms"])
         result["step_cpu_over_reference_step_cpu"] = common.ratio(
             result["cpu_time"]["step"]["median_ms"], result["cpu_time"]["reference_step"]["median_ms"])
+    if "compiled_step" in times:
+        result["compiled_over_eager"] = common.ratio(result["compiled_step"]["median_ms"], result["step"]["median_ms"])
     if "grad_checkpointing_step" in times:
         result["grad_checkpointing_over_plain"] = common.ratio(
             result["grad_checkpointing_step"]["median_ms"], result["step"]["median_ms"])
@@ -528,7 +544,7 @@ def _before_and_after(spec: dict[str, Any], before: dict[str, str], rounds: int,
     """The case on the working tree and on `before`, alternating processes for `rounds` rounds; step times pooled."""
     runs: dict[str, list[dict[str, Any]]] = {"after": [], "before": []}
     for _ in range(rounds):
-        runs["before"].append(common.run_isolated(SCRIPT, {**spec, **before}, timeout))
+        runs["before"].append(common.run_isolated(SCRIPT, {**spec, **before, "compile": False}, timeout))
         runs["after"].append(common.run_isolated(SCRIPT, spec, timeout))
     merged = {}
     for side, results in runs.items():
@@ -553,6 +569,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--untrimmed", action="store_true", help="also time SEP/CoOp with text trimming off")
     parser.add_argument("--grad-checkpointing", action="store_true",
                         help="step mode: also run each method with gradient checkpointing on; --data-wait: train with it on")
+    parser.add_argument("--compile", action="store_true",
+                        help="step mode: also time each method's step through `tune --compile` (CUDA graphs on one "
+                             "GPU), alternating with the eager step; its first call (the compilation) is reported")
     parser.add_argument("--no-baselines", action="store_true", help="step mode: skip the two frozen-backbone baselines")
     parser.add_argument("--data-wait", action="store_true",
                         help="measure the data-wait fraction of Trainer.fit over a generated JPEG folder instead")
@@ -623,7 +642,8 @@ def main(argv: list[str] | None = None) -> None:
                 cases[method] = {"note": why}
                 continue
             spec = {**base, "case": method, "backbone": backbones[family], "untrimmed": args.untrimmed,
-                    "interleave_checkpointing": args.grad_checkpointing, "sep_reference": args.sep_reference}
+                    "interleave_checkpointing": args.grad_checkpointing, "sep_reference": args.sep_reference,
+                    "compile": args.compile}
             if before is not None:
                 cases[method], before_cases[method] = _before_and_after(spec, before, args.rounds, args.timeout)
             else:
@@ -645,6 +665,11 @@ def main(argv: list[str] | None = None) -> None:
             if not args.no_baselines:
                 ratios[f"{method}_step_over_forward"] = common.ratio(step, forward)
                 ratios[f"{method}_step_over_forward_backward_input"] = common.ratio(step, backward)
+            if "compiled_over_eager" in cases[method]:  # alternating steps in one process
+                ratios[f"{method}_compiled_step_over_step"] = cases[method]["compiled_over_eager"]
+                if not args.no_baselines:
+                    ratios[f"{method}_compiled_step_over_forward_backward_input"] = common.ratio(
+                        cases[method]["compiled_step"]["median_ms"], backward)
             if "trimmed_over_untrimmed" in cases[method]:
                 ratios[f"{method}_trimmed_over_untrimmed"] = cases[method]["trimmed_over_untrimmed"]
             if "step_over_reference_step" in cases[method]:  # alternating steps in one process
