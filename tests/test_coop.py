@@ -224,9 +224,15 @@ def test_text_features_are_recomputed_while_training(model):
 
 
 def test_ctx_init_sets_n_ctx_and_the_phrase_embeddings(backbone, class_names):
-    config = CoOp.make_config({"ctx_init": PHRASE, "n_ctx": 16})
+    config = CoOp.make_config({"ctx_init": PHRASE})
     model = CoOp(backbone, class_names, config)
     assert model.n_ctx == 4 and model.hparams() == {"n_ctx": 4, "ctx_init": PHRASE}
+    assert CoOp(backbone, class_names, CoOp.make_config({"ctx_init": PHRASE, "n_ctx": 4})).n_ctx == 4  # agrees
+    for n_ctx in (16, 3):  # 16, the default when no phrase is given, is refused like any other mismatch
+        with pytest.raises(MethodError, match=rf"--n-ctx {n_ctx} does not match --ctx-init 'a photo of a', which is 4 "):
+            CoOp(backbone, class_names, CoOp.make_config({"ctx_init": PHRASE, "n_ctx": n_ctx}))
+    plain = CoOp(backbone, class_names, CoOp.make_config({}))
+    assert plain.n_ctx == 16 and plain.hparams() == {"n_ctx": 16, "ctx_init": ""}  # the file records the number
     tokens = backbone.tokenizer([PHRASE])
     assert int(tokens[0].argmax()) == 5  # [SOT] a photo of a [EOT]
     with torch.no_grad():

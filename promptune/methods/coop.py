@@ -24,8 +24,11 @@ from promptune.methods.zeroshot import DEFAULT_TEMPLATE
 
 @dataclass
 class CoOpConfig:
-    n_ctx: int = 16  # learned context tokens in front of the class name
+    n_ctx: int | None = None  # learned context tokens in front of the class name (None: 16, or the --ctx-init phrase's)
     ctx_init: str = ""  # start the context from this phrase (e.g. "a photo of a"); sets n_ctx to its token count
+
+
+DEFAULT_N_CTX = 16
 
 
 class ClassPrompts(nn.Module):
@@ -129,12 +132,14 @@ class CoOp(ClipPromptMethod):
         if init is not None:
             if not 1 <= init.shape[0] <= 64:
                 raise MethodError(f"--ctx-init must be 1 to 64 tokens long, got {init.shape[0]}.")
-            if config.n_ctx not in (init.shape[0], CoOpConfig.n_ctx):  # the default is the one value not told apart
+            if config.n_ctx not in (None, init.shape[0]):
                 raise MethodError(
                     f"--n-ctx {config.n_ctx} does not match --ctx-init '{config.ctx_init}', which is {init.shape[0]} "
                     f"tokens long; drop --n-ctx (the phrase sets the number of context tokens)."
                 )
             config = CoOpConfig(n_ctx=init.shape[0], ctx_init=config.ctx_init)
+        elif config.n_ctx is None:
+            config = CoOpConfig(n_ctx=DEFAULT_N_CTX)  # what the prompt file records
         super().__init__(backbone, class_names, config, config.n_ctx)
         ctx = init if init is not None else torch.randn(config.n_ctx, runner.width) * 0.02
         self.ctx = nn.Parameter(ctx.clone())  # (n_ctx, D)
@@ -145,6 +150,8 @@ class CoOp(ClipPromptMethod):
             raise error(f"--ctx-init must be a phrase, got {config.ctx_init!r}.")
         if config.ctx_init and not config.ctx_init.strip():
             raise error("--ctx-init is blank; give a phrase such as 'a photo of a'.")
+        if config.n_ctx is None:
+            return
         if isinstance(config.n_ctx, bool) or not isinstance(config.n_ctx, int):
             raise error(f"--n-ctx must be a whole number, got {config.n_ctx!r}.")
         if not config.ctx_init and not 1 <= config.n_ctx <= 64:
