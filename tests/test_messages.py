@@ -187,11 +187,11 @@ def test_the_option_registry_matches_the_methods():
     """--help shows each method option's default from the registry: it must be the method's real default."""
     from promptune.methods.coop import DEFAULT_N_CTX
 
-    resolved = {("coop", "n_ctx"): DEFAULT_N_CTX}  # None in the config: 16, or the --ctx-init phrase's length
+    resolved = {("coop", "n_ctx"): DEFAULT_N_CTX}  # None in its config: 16, or the --ctx-init phrase's length
     for option in METHOD_OPTIONS.values():
         for method, default in zip(option.methods, option.defaults):
             value = getattr(METHODS[method].load().Config(), option.field)
-            assert (resolved[(method, option.field)] if value is None else value) == default, (option.field, method)
+            assert resolved.get((method, option.field), value) == default, (option.field, method)
         assert all(option.field in {f.name for f in dataclasses.fields(METHODS[m].load().Config)} for m in option.methods)
     assert POOLS == VIT_POOLS and SPT.init_choices == SPT_INITS
 
