@@ -191,7 +191,7 @@ def test_the_option_registry_matches_the_methods():
     for option in METHOD_OPTIONS.values():
         for method, default in zip(option.methods, option.defaults):
             value = getattr(METHODS[method].load().Config(), option.field)
-            assert resolved.get((method, option.field), value) == default, (option.field, method)
+            assert (resolved.get((method, option.field)) if value is None else value) == default, (option.field, method)
         assert all(option.field in {f.name for f in dataclasses.fields(METHODS[m].load().Config)} for m in option.methods)
     assert POOLS == VIT_POOLS and SPT.init_choices == SPT_INITS
 
