@@ -175,7 +175,7 @@ def test_eval_and_predict_report_progress_over_every_image(model, shape_test_fol
 
 
 def test_an_unreadable_image_is_decoded_once_and_its_reason_reported(model, shape_test_folder, tmp_path, monkeypatch):
-    import promptune.data.loader
+    import promptune.data.loader  # where ImageDataset looks decode_image up
 
     folder = tmp_path / "test"
     shutil.copytree(shape_test_folder, folder)

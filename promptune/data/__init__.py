@@ -1,7 +1,17 @@
-"""Image folders in, tensors out (moved from promptune/data.py; split into one module per concern next)."""
+"""Image folders in, tensors out, one concern per module:
 
-from promptune.data.loader import UnreadableImageError, decode_image, to_rgb
-from promptune.data.loader import (
+- `folders`: class discovery (class folders, image files, the flat or train/val/test layout);
+- `sampling`: k-shot sampling and splits (`load_training_data`, `load_eval_data`), unreadable images skipped;
+- `decode`: robust decoding (`decode_image`, `UnreadableImageError`);
+- `transforms`: preprocessing (`Preprocess`, the eval transform, the training augmentation);
+- `loader`: datasets, the seeded batch order and the loaders (`ImageDataset`, `SeededBatches`, `make_loader`);
+- `inputs`: `predict`'s inputs (paths, folders, globs, PIL images, image tensors).
+
+Every public name is re-exported here, so `from promptune.data import X` works as it did when this was one module.
+"""
+
+from promptune.data.decode import UnreadableImageError, decode_image, to_rgb
+from promptune.data.folders import (
     IMAGE_EXTENSIONS,
     UPSCALE_WARNING,
     check_distinct_class_names,
@@ -11,7 +21,7 @@ from promptune.data.loader import (
     scan_classes,
     small_image_note,
 )
-from promptune.data.loader import prediction_items, tensor_images
+from promptune.data.inputs import prediction_items, tensor_images
 from promptune.data.loader import (
     Batch,
     EpochLoader,
@@ -26,7 +36,7 @@ from promptune.data.loader import (
     set_max_image_pixels,
     worker_init,
 )
-from promptune.data.loader import (
+from promptune.data.sampling import (
     SPLIT_LABELS,
     EvalData,
     ImageItem,
@@ -35,7 +45,7 @@ from promptune.data.loader import (
     load_eval_data,
     load_training_data,
 )
-from promptune.data.loader import (
+from promptune.data.transforms import (
     TRAIN_CROP_RATIO,
     TRAIN_CROP_SCALE,
     PixelNormalize,
