@@ -175,19 +175,19 @@ def test_eval_and_predict_report_progress_over_every_image(model, shape_test_fol
 
 
 def test_an_unreadable_image_is_decoded_once_and_its_reason_reported(model, shape_test_folder, tmp_path, monkeypatch):
-    import promptune.data
+    import promptune.data.loader  # where ImageDataset looks decode_image up
 
     folder = tmp_path / "test"
     shutil.copytree(shape_test_folder, folder)
     (folder / "red_square" / "broken.png").write_bytes(b"not a png")
     decoded: list[str] = []
-    real_decode = promptune.data.decode_image
+    real_decode = promptune.data.loader.decode_image
 
     def counting(path):
         decoded.append(Path(path).name)
         return real_decode(path)
 
-    monkeypatch.setattr(promptune.data, "decode_image", counting)
+    monkeypatch.setattr(promptune.data.loader, "decode_image", counting)
     report = model.evaluate(folder, batch_size=5, zero_shot=False, workers=0)
     assert report.skip_reasons == {str(folder / "red_square" / "broken.png"): "not a recognised image format"}
     _, problems = model.predict([str(folder / "red_square" / "broken.png")], workers=0)

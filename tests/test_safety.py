@@ -23,7 +23,8 @@ from torchvision.transforms.functional import pil_to_tensor
 from typer.testing import CliRunner
 
 import promptune
-import promptune.data as data_module
+import promptune.data.loader
+import promptune.data.sampling
 import promptune.fileio as fileio
 from promptune.artifact import is_prompt_file, load_prompt_file
 from promptune.cli import app
@@ -71,7 +72,8 @@ def no_images_read(monkeypatch) -> None:
     def refuse(*_args: object, **_kwargs: object) -> None:
         raise AssertionError("an image was read or training started")
 
-    monkeypatch.setattr(data_module, "decode_image", refuse)
+    for module in (promptune.data.sampling, promptune.data.loader):  # where choosing and loading images decode them
+        monkeypatch.setattr(module, "decode_image", refuse)
     monkeypatch.setattr(Trainer, "fit", refuse)
 
 
