@@ -11,6 +11,7 @@ import torch
 
 from promptune.artifact import PromptFile, load_prompt_file
 from promptune.backbones import Backbone, load_backbone
+from promptune.backbones.skip_init import build_loaded
 from promptune.data import (
     Batch,
     EvalData,
@@ -477,6 +478,11 @@ class TunedModel:
         return ZeroShotCLIP(self.backbone, names, self.method.zero_shot_templates()).to(self.runtime.device).eval()
 
 
+def _with_learned_state(model: PromptMethod, tensors: dict[str, torch.Tensor]) -> PromptMethod:
+    model.load_learned_state(tensors)
+    return model
+
+
 def load(prompts: str | Path, *, backbone: str | None = None, weights: str | None = None, device: str = "auto",
          precision: str = "auto") -> TunedModel:
     """Load a prompt file onto its backbone (from its hub tag, the stored local path, or `weights`)."""
@@ -504,7 +510,6 @@ def load(prompts: str | Path, *, backbone: str | None = None, weights: str | Non
         raise error
     _check_backbone_matches(stored, bb)
     config = cls.make_config(prompt_file.hparams, error=PromptFileError)
-    model = cls(bb, prompt_file.class_names, config)
-    model.load_learned_state(prompt_file.tensors)
+    model = build_loaded(lambda: _with_learned_state(cls(bb, prompt_file.class_names, config), prompt_file.tensors))
     model.to(runtime.device).eval()
     return TunedModel(prompt_file, model, bb, runtime)

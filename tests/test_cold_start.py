@@ -133,6 +133,39 @@ def test_a_parameter_no_weight_reached_is_built_again_as_usual():
     _assert_same_model(built, plain)
 
 
+@pytest.mark.parametrize("method", ["sep", "coop", "spt", "vpt"])
+def test_a_prompt_files_method_is_built_without_initialising_what_the_file_replaces(method, clip_files, vit_file,
+                                                                                   tmp_path, monkeypatch):
+    """`promptune.load` builds the method under SkipInit (SEP's ~45 M fusion weights were initialised, then
+    overwritten): the model equals the plain build plus `load_learned_state`, and no rebuild was needed."""
+    from promptune.methods import get_method
+
+    cls = get_method(method)
+    backbone_args = (str(clip_files[0]), str(clip_files[1])) if cls.family == "clip" else ("test_vit", str(vit_file))
+    names = ["red square", "green circle", "blue triangle"]
+    torch.manual_seed(0)
+    trained = cls(load_backbone(*backbone_args), names, cls.make_config({}))
+    with torch.no_grad():
+        for tensor in trained.learned_state().values():
+            tensor.add_(torch.randn_like(tensor))  # unlike any initialisation
+    loaded_backbone = load_backbone(*backbone_args)
+    prompt_file = PromptFile(tensors={k: v.detach().clone() for k, v in trained.learned_state().items()},
+                             method=method, backbone=loaded_backbone.describe(), class_names=names,
+                             hparams=trained.hparams(), preprocess=loaded_backbone.preprocess.to_dict(),
+                             training={}, promptune_version=__version__)
+    path = save_prompt_file(tmp_path / f"{method}.safetensors", prompt_file)
+    rebuilt = []
+    original = SkipInit.left_uninitialised
+    monkeypatch.setattr(SkipInit, "left_uninitialised", lambda self, model: rebuilt.append(original(self, model))
+                        or rebuilt[-1])
+    loaded = promptune.api.load(path, backbone=backbone_args[0], weights=backbone_args[1], device="cpu").method
+    assert rebuilt[-1] is False  # the last build (the method's) left no parameter uninitialised: built once
+    torch.manual_seed(0)
+    plain = cls(load_backbone(*backbone_args), names, cls.make_config(trained.hparams()))
+    plain.load_learned_state(prompt_file.tensors)
+    _assert_same_model(loaded.eval(), plain.eval())
+
+
 # ------------------------------------------------------------------------------------------ cached weights hashes
 
 
