@@ -21,11 +21,11 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", "
 _SPLIT_NAMES = ("train", "val", "test")
 
 
-def _has_image_extension(name: str) -> bool:
+def has_image_extension(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def _is_hidden(name: str) -> bool:
+def is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
@@ -52,13 +52,13 @@ def images_under(folder: Path) -> list[Path]:
                 raise
             continue
         for entry in entries:
-            if _is_hidden(entry.name):
+            if is_hidden(entry.name):
                 continue
             try:
                 if entry.is_dir():
                     if not is_marked(entry.path):  # e.g. an eval --report folder inside a class folder
                         pending.append(Path(entry.path))
-                elif entry.is_file() and _has_image_extension(entry.name):
+                elif entry.is_file() and has_image_extension(entry.name):
                     found.append(Path(entry.path))
             except OSError:  # e.g. a symlink into a folder we may not read
                 continue
@@ -85,7 +85,7 @@ def small_image_note(paths: Sequence[Path], size: int) -> str | None:
             f"backbone sees {size} px: they are upscaled more than {UPSCALE_WARNING}x, which leaves little to learn from.")
 
 
-def _check_is_folder(root: Path, what: str) -> None:
+def check_is_folder(root: Path, what: str) -> None:
     if not root.exists():
         if root.is_symlink():
             try:
@@ -99,7 +99,7 @@ def _check_is_folder(root: Path, what: str) -> None:
         raise DataError(f"{what} {root} is a file, not a folder of class sub-folders.")
 
 
-def _class_folders(root: Path) -> list[Path]:
+def class_folders(root: Path) -> list[Path]:
     """Non-hidden sub-folders of ``root`` that promptune did not make (checkpoint, report), sorted by name."""
     try:
         entries = list(os.scandir(root))
@@ -108,14 +108,14 @@ def _class_folders(root: Path) -> list[Path]:
     folders = []
     for entry in entries:
         try:
-            if not _is_hidden(entry.name) and entry.is_dir() and not is_marked(entry.path):
+            if not is_hidden(entry.name) and entry.is_dir() and not is_marked(entry.path):
                 folders.append(Path(entry.path))
         except OSError:
             continue
     return sorted(folders, key=lambda folder: folder.name)
 
 
-def _class_images(folder: Path) -> list[Path]:
+def class_images(folder: Path) -> list[Path]:
     try:
         return images_under(folder)
     except OSError as error:
@@ -125,8 +125,8 @@ def _class_images(folder: Path) -> list[Path]:
 def scan_classes(root: Path) -> dict[str, list[Path]]:
     """Map each class folder name (sorted) to its image files (sorted), checking the folder is usable."""
     root = Path(root)
-    _check_is_folder(root, "data folder")
-    folders = _class_folders(root)
+    check_is_folder(root, "data folder")
+    folders = class_folders(root)
     if len(folders) < 2:
         raise DataError(
             f"found {len(folders)} class folder(s) in {root}; need at least 2 (one sub-folder of images per class)."
@@ -134,7 +134,7 @@ def scan_classes(root: Path) -> dict[str, list[Path]]:
     _check_distinct_prompt_names([folder.name for folder in folders])
     classes: dict[str, list[Path]] = {}
     for folder in folders:
-        images = _class_images(folder)
+        images = class_images(folder)
         if not images:
             extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
             raise DataError(f"class folder {folder} has no image files ({extensions}).")
@@ -182,11 +182,11 @@ def class_folders_of(data_dir: Path) -> list[Path]:
     folders: list[Path] = []
     for root in find_layout(data_dir).values():
         try:
-            folders.extend(_class_folders(root))
+            folders.extend(class_folders(root))
         except DataError:
             continue
     return folders
 
 
-def _layout_name(layout: dict[str, Path]) -> str:
+def layout_name(layout: dict[str, Path]) -> str:
     return "split" if "train" in layout else "flat"

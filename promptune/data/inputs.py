@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from promptune.data.folders import _has_image_extension, _is_hidden, images_under
+from promptune.data.folders import has_image_extension, is_hidden, images_under
 from promptune.data.sampling import ImageItem
 from promptune.errors import DataError
 from promptune.fileio import is_marked
@@ -101,8 +101,8 @@ def _count_other_files(folder: Path) -> int:
     """Files below `folder` that are not images (hidden entries and promptune's folders left out)."""
     count = 0
     for directory, subfolders, files in os.walk(folder):
-        subfolders[:] = [d for d in subfolders if not _is_hidden(d) and not is_marked(os.path.join(directory, d))]
-        count += sum(not _is_hidden(name) and not _has_image_extension(name) for name in files)
+        subfolders[:] = [d for d in subfolders if not is_hidden(d) and not is_marked(os.path.join(directory, d))]
+        count += sum(not is_hidden(name) and not has_image_extension(name) for name in files)
     return count
 
 
@@ -119,7 +119,7 @@ def _expand_argument(argument: str) -> list[Path]:
         candidate = Path(match)
         if candidate.is_dir():
             matches.extend(_images_in_folder(candidate))
-        elif candidate.is_file() and _has_image_extension(candidate.name):
+        elif candidate.is_file() and has_image_extension(candidate.name):
             matches.append(candidate)
     return matches
 

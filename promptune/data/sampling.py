@@ -15,9 +15,9 @@ from PIL import Image
 
 from promptune.data.decode import UnreadableImageError, decode_image
 from promptune.data.folders import (
-    _check_is_folder, _class_folders, _class_images, _layout_name, find_layout, scan_classes,
+    check_is_folder, class_folders, class_images, layout_name, find_layout, scan_classes,
 )
-from promptune.data.transforms import _is_number
+from promptune.data.transforms import is_number
 from promptune.errors import DataError
 
 _MAX_SHOT_VAL_IMAGES = 4  # validation images per class when sampling k shots without a val/ folder
@@ -72,10 +72,10 @@ def load_training_data(
     """Choose the training (and validation) images, decoding each candidate so unreadable files are skipped early."""
     if shots is not None and (isinstance(shots, bool) or not isinstance(shots, int) or shots < 1):
         raise DataError("--shots must be at least 1.")
-    if not _is_number(val_fraction) or not 0 <= val_fraction < 1:
+    if not is_number(val_fraction) or not 0 <= val_fraction < 1:
         raise DataError(f"the validation fraction must be in [0, 1), not {val_fraction!r}.")
     data_dir = Path(data_dir)
-    _check_is_folder(data_dir, "data folder")
+    check_is_folder(data_dir, "data folder")
     layout = find_layout(data_dir)
     train_root = layout.get("train", layout.get("all", data_dir))
     all_classes = scan_classes(train_root)
@@ -99,7 +99,7 @@ def load_training_data(
         skipped.extend(pick.skipped)
         train.extend(ImageItem(path, label) for path in sorted(pick.train))
         val.extend(ImageItem(path, label) for path in sorted(pick.val))
-    return TrainingData(class_names, train, val, skipped, _layout_name(layout), _short_class_notes(short, shots))
+    return TrainingData(class_names, train, val, skipped, layout_name(layout), _short_class_notes(short, shots))
 
 
 def _short_class_notes(short: dict[str, int], shots: int | None) -> list[str]:
@@ -119,7 +119,7 @@ def _short_class_notes(short: dict[str, int], shots: int | None) -> list[str]:
 def _keep_base_classes(names: list[str], base_classes: int | float | None, root: Path) -> list[str]:
     if base_classes is None:
         return names
-    if isinstance(base_classes, bool) or not _is_number(base_classes):
+    if isinstance(base_classes, bool) or not is_number(base_classes):
         raise DataError(f"base classes must be a whole number or a fraction, not {base_classes!r}.")
     if isinstance(base_classes, int):
         if not 2 <= base_classes <= len(names):
@@ -135,13 +135,13 @@ def _keep_base_classes(names: list[str], base_classes: int | float | None, root:
 def _val_folder_images(
     val_root: Path, train_classes: dict[str, list[Path]], kept: list[str]
 ) -> dict[str, list[Path]]:
-    folders = _class_folders(val_root)
+    folders = class_folders(val_root)
     unknown = [folder.name for folder in folders if folder.name not in train_classes]
     if unknown:
         names = ", ".join(f"'{name}'" for name in unknown)
         raise DataError(f"{val_root} has class folder(s) {names} that the train folder does not have.")
     by_name = {folder.name: folder for folder in folders}
-    return {name: _class_images(by_name[name]) if name in by_name else [] for name in kept}
+    return {name: class_images(by_name[name]) if name in by_name else [] for name in kept}
 
 
 def _readable(paths: Sequence[Path]) -> tuple[list[Path], list[SkippedFile]]:
@@ -201,7 +201,7 @@ SPLIT_LABELS = {"test": "test/", "val": "val/ (no test/)", "all": "the whole fol
 def load_eval_data(data_dir: Path) -> EvalData:
     """The images to evaluate on: test/ of a split folder, else val/, else the whole folder (decoded lazily)."""
     data_dir = Path(data_dir)
-    _check_is_folder(data_dir, "data folder")
+    check_is_folder(data_dir, "data folder")
     layout = find_layout(data_dir)
     if "train" in layout:
         split = "test" if "test" in layout else "val"
@@ -215,4 +215,4 @@ def load_eval_data(data_dir: Path) -> EvalData:
     root = layout.get(split, data_dir)
     classes = scan_classes(root)
     items = [ImageItem(path, label) for label, name in enumerate(classes) for path in classes[name]]
-    return EvalData(list(classes), items, _layout_name(layout), root, split)
+    return EvalData(list(classes), items, layout_name(layout), root, split)

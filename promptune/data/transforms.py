@@ -53,7 +53,7 @@ class Preprocess:
             raise DataError(
                 f"preprocess interpolation must be one of {', '.join(_INTERPOLATIONS)}, not {self.interpolation!r}."
             )
-        if not _is_number(self.crop_pct) or not 0 < self.crop_pct <= 1:
+        if not is_number(self.crop_pct) or not 0 < self.crop_pct <= 1:
             raise DataError(f"preprocess crop_pct must be in (0, 1], not {self.crop_pct!r}.")
         object.__setattr__(self, "crop_pct", float(self.crop_pct))
 
@@ -83,14 +83,14 @@ class Preprocess:
         )
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _three_floats(name: str, values: Any) -> tuple[float, float, float]:
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or len(values) != 3:
         raise DataError(f"preprocess {name} must be three numbers, not {values!r}.")
-    if not all(_is_number(value) for value in values):
+    if not all(is_number(value) for value in values):
         raise DataError(f"preprocess {name} must be three numbers, not {values!r}.")
     return (float(values[0]), float(values[1]), float(values[2]))
 
